@@ -1,0 +1,108 @@
+"""Precision policy: low-precision storage of ν, and compensated parameter updates."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamax_jax import _validation
+from adamax_jax._sharding import zeros_like
+from adamax_jax._tree import map_unzip
+
+
+def advance_nu_scale(
+    scale: jax.Array, b2: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Moves the scaled representation of ν one step on.
+
+    The true infinity norm is ``u = v · s``. Each step ``s`` is multiplied by
+    β₂ instead of every stored ``v``, and when ``s`` leaves [1, 2) it is brought
+    back by a power of two that is also applied to ``v`` — an exact
+    multiplication in any binary floating-point format.
+
+    Args:
+        scale: ``s`` of the previous step, a float32 scalar in [1, 2).
+        b2: β₂.
+
+    Returns:
+        The new ``s``, the gain ``1/s`` that takes a fresh magnitude into
+        the stored representation, and the power of two applied to stored ``v``.
+    """
+    decayed = scale * jnp.asarray(b2, jnp.float32)
+    mantissa, exponent = jnp.frexp(decayed)
+    positive = decayed > 0
+    # frexp gives a mantissa in [0.5, 1): doubling it puts s in [1, 2), so the
+    # stored v = u / s never exceeds u and cannot overflow where u does not.
+    new_scale = jnp.where(positive, 2 * mantissa, jnp.float32(1))
+    shift = jnp.where(positive, jnp.ldexp(jnp.float32(1), exponent - 1), jnp.float32(0))
+    return new_scale, 1 / new_scale, shift
+
+
+class CompensateRoundingState(NamedTuple):
+    """State of :func:`compensate_rounding`: what rounding has left out so far."""
+
+    compensation: optax.Updates
+
+
+def _needs_compensation(dtype: jax.typing.DTypeLike) -> bool:
+    return jnp.dtype(dtype).itemsize < 4 and jnp.issubdtype(dtype, jnp.floating)
+
+
+def compensate_rounding(
+    dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    """Kahan-compensated updates for low-precision parameters.
+
+    Put it last in a chain. For every parameter stored in fewer than 32 bits it
+    keeps the part of past updates that rounding to the parameter's dtype has
+    dropped, adds it to the next update, and returns an update with which
+    ``optax.apply_updates`` lands on the correctly rounded value of
+    ``param + update + compensation``. Updates smaller than half a unit in the
+    last place are no longer lost; they accumulate until they count.
+    Parameters of 32 bits or more pass through, with ``None`` as their state.
+
+    Args:
+        dtype: The dtype of the compensation buffer; defaults to the
+            parameter's dtype (two bytes a bfloat16 parameter).
+
+    Returns:
+        An ``optax.GradientTransformation``.
+    """
+    _validation.check_dtype("dtype", dtype)
+
+    def init_fn(params: optax.Params) -> CompensateRoundingState:
+        def init_leaf(p):
+            if p is None or not _needs_compensation(p.dtype):
+                return None
+            return zeros_like(p, dtype or p.dtype)
+
+        return CompensateRoundingState(jax.tree.map(init_leaf, params))
+
+    def update_fn(
+        updates: optax.Updates, state: CompensateRoundingState, params: optax.Params = None
+    ) -> tuple[optax.Updates, CompensateRoundingState]:
+        if params is None:
+            raise ValueError("`compensate_rounding` needs `params` in `update`.")
+        _validation.check_same_structure("params", params, "updates", updates)
+
+        def leaf(c, u, p):
+            if c is None:
+                return u, None
+            exact = p.astype(jnp.float32) + (u.astype(jnp.float32) + c.astype(jnp.float32))
+            rounded = exact.astype(p.dtype)
+            delta = (rounded.astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
+            # What optax.apply_updates computes; the buffer keeps whatever it
+            # misses, so the sum stays right even where delta itself rounds.
+            landed = jnp.asarray(p + delta).astype(p.dtype)
+            return delta, (exact - landed.astype(jnp.float32)).astype(c.dtype)
+
+        new_updates, compensation = map_unzip(leaf, 2, state.compensation, updates, params)
+        return new_updates, CompensateRoundingState(compensation)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes held by the arrays of an optimizer state."""
+    return sum(jnp.asarray(x).nbytes for x in jax.tree.leaves(state))

@@ -1,0 +1,22 @@
+"""Pytree plumbing shared by the transformations."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def map_unzip(fn: Callable[..., tuple], n: int, primary: Any, *rest: Any) -> tuple[Any, ...]:
+    """Maps `fn` over the leaves of `primary` and `rest`; returns `n` trees.
+
+    ``None`` in `primary` is a leaf, handed to `fn` with the matching leaves of
+    `rest`; its results (one per output) take its place in each output tree.
+    """
+    leaves, treedef = jax.tree.flatten(primary, is_leaf=_is_none)
+    others = [treedef.flatten_up_to(tree) for tree in rest]
+    results = [fn(*args) for args in zip(leaves, *others, strict=True)]
+    return tuple(jax.tree.unflatten(treedef, [r[i] for r in results]) for i in range(n))
