@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from adamax_jax._precision import store_moment
+
 EpsMode = Literal["denominator", "inside_max", "none"]
 ComplexMode = Literal["modulus", "split"]
 
@@ -161,4 +163,4 @@ def adamax_leaf(
         direction = _split_apply(divide, m_hat, u)
     else:
         direction = divide(m_hat, u.astype(cdt))
-    return direction.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+    return direction.astype(g.dtype), store_moment(m_new, m), v_new.astype(v.dtype)

@@ -88,7 +88,18 @@ def scale_by_adamax(
     tree. The decay goes into ``s_t`` alone; a stored value changes only when
     a gradient exceeds it (one rounding, not one per step), and when ``s_t``
     leaves [1, 2) a power of two — exact in binary floating point — moves it
-    back and is applied to every stored ν. Stored values never exceed ``u_t``.
+    back and is applied to every stored ν. As ``s_t >= 1``, a stored value is
+    at most ``u_t`` (up to the rounding of its store), so it overflows only
+    where ``u_t`` itself would. Where every ν is stored in 32 bits or more
+    (the default for float32 parameters) ``nu`` holds ``u_t`` itself, as in
+    optax, and ``nu_scale`` is ``None``; :func:`infinity_norm` reads ``u_t``
+    from either.
+
+    A first moment stored in fewer than 32 bits is rounded to nearest, except
+    where that would leave it unchanged although it moved: it then moves by
+    one unit in the last place towards the new value. Rounding to nearest
+    alone lets ``m_t`` stall short of a steady gradient, by up to
+    ``ulp / (2 (1 - β₁))`` (2 to 4 % in bfloat16), and every later step with it.
 
     Args:
         b1: Decay of the first moment, in [0, 1).
