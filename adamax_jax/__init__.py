@@ -2,6 +2,7 @@
 
 from adamax_jax._precision import CompensateRoundingState as CompensateRoundingState
 from adamax_jax._precision import compensate_rounding as compensate_rounding
+from adamax_jax._sharding import zero1_state_shardings as zero1_state_shardings
 from adamax_jax._transform import ScaleByAdamaxState as ScaleByAdamaxState
 from adamax_jax._transform import adamax as adamax
 from adamax_jax._transform import adamax_step as adamax_step
@@ -22,4 +23,5 @@ __all__ = [
     "infinity_norm",
     "nadamax",
     "scale_by_adamax",
+    "zero1_state_shardings",
 ]

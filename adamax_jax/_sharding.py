@@ -1,20 +1,155 @@
 """Sharding helpers: optimizer state that lives where the parameters live."""
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def zeros_like(x: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike | None = None) -> jax.Array:
     """Zeros shaped, and under ``jax.jit`` sharded, like `x`.
 
-    ``jnp.zeros_like`` depends on no input data, so inside ``jit`` the compiler
-    is free to place it anywhere and typically leaves it on one device. A select
-    that reads `x` ties the result to the sharding of `x`; it costs one pass at
-    initialisation only.
+    ``jnp.zeros_like`` depends on no input data, so inside ``jit`` on a mesh of
+    ``Auto`` axes the compiler is free to place it anywhere and typically leaves
+    it on one device. A select that reads `x` ties the result to the sharding
+    of `x`; it costs one pass at initialisation only. On ``Explicit`` axes the
+    sharding is part of the type, and every operand carries that of `x`.
     """
     x = jnp.asarray(x)
     dtype = jnp.dtype(x.dtype if dtype is None else dtype)
     if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
         x = x.real
-    zeros = jnp.zeros(x.shape, dtype)
-    return jnp.where(jnp.zeros(x.shape, bool), x.astype(dtype), zeros)
+    zeros = lax.full_like(x, 0, dtype)
+    return jnp.where(lax.full_like(x, False, jnp.bool_), x.astype(dtype), zeros)
+
+
+def _same_mesh(a: Any, b: Mesh) -> bool:
+    if tuple(a.axis_names) != tuple(b.axis_names) or tuple(a.axis_sizes) != tuple(b.axis_sizes):
+        return False
+    # An abstract mesh names no devices.
+    return not isinstance(a, Mesh) or np.array_equal(a.device_ids, b.device_ids)
+
+
+def _spec_axes(entry: Any) -> tuple[str, ...]:
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _abstract_param(path: Any, leaf: Any, mesh: Mesh) -> jax.ShapeDtypeStruct:
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        if not _same_mesh(sharding.mesh, mesh):
+            raise ValueError(
+                f"`params`{jax.tree_util.keystr(path)} is sharded over a mesh with axes "
+                f"{dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes, strict=True))}, "
+                f"not over `mesh` {dict(mesh.shape)}."
+            )
+        sharding = NamedSharding(mesh, sharding.spec)
+    else:
+        # Host arrays and arrays on one device are taken as replicated over the mesh.
+        sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf), sharding=sharding)
+
+
+def _split(
+    shape: tuple[int, ...], spec: tuple[Any, ...], axes: tuple[str, ...], mesh: Any
+) -> PartitionSpec:
+    """Adds `axes` to the entry of `spec` for the dimension that takes them best."""
+    entries = [_spec_axes(e) for e in spec] + [()] * (len(shape) - len(spec))
+    if any(a in axes for entry in entries for a in entry):
+        # Already split over (part of) `axes`, as the parameters are under FSDP.
+        return PartitionSpec(*spec)
+    n = math.prod(mesh.shape[a] for a in axes)
+    local = [
+        size // math.prod(mesh.shape[a] for a in entry)
+        for size, entry in zip(shape, entries, strict=True)
+    ]
+    divisible = [d for d in range(len(shape)) if local[d] % n == 0 and local[d] > 0]
+    if not divisible:
+        return PartitionSpec(*spec)
+    # A dimension not split yet if there is one: on Explicit axes a state
+    # split over ("model", "data") no longer combines with a parameter split
+    # over "model" alone. Then the largest, so that the shards stay large.
+    dim = max(divisible, key=lambda d: (not entries[d], local[d], -d))
+    new = [(e[0] if len(e) == 1 else e) if e else None for e in entries]
+    joined = entries[dim] + axes
+    new[dim] = joined[0] if len(joined) == 1 else joined
+    return PartitionSpec(*new)
+
+
+def zero1_state_shardings(
+    opt: optax.GradientTransformation,
+    params: Any,
+    mesh: Mesh,
+    axis: str | Sequence[str],
+) -> Any:
+    """Shardings that split the optimizer state over `axis` of `mesh` (ZeRO stage 1).
+
+    In data parallelism the parameters are replicated over the data axis, and
+    so, by default, is the optimizer state that follows them: every device
+    holds all of it. ZeRO-1 splits the state over that axis instead; each
+    device updates its slice and the compiler all-gathers the new parameters.
+
+    Each state array is first sharded as ``opt.init`` shards it for `params`
+    (like its parameter, for the transformations of this package); then one of
+    its dimensions whose local size is divisible by the size of `axis` (one not
+    split yet if there is one, then the largest) is split over `axis` as well.
+    Arrays that cannot be split so (scalars such as ``count``, odd sizes) keep
+    that sharding, as do arrays already split over `axis`. Apply the result with ``jax.jit``::
+
+        shardings = zero1_state_shardings(opt, params, mesh, "data")
+        state = jax.jit(opt.init, out_shardings=shardings)(params)
+        step = jax.jit(train_step, in_shardings=(param_shardings, shardings, batch_shardings),
+                       out_shardings=(param_shardings, shardings))
+
+    Args:
+        opt: The optimizer, any ``optax.GradientTransformation``.
+        params: The parameters: arrays, or ``jax.ShapeDtypeStruct`` with their
+            shardings. Leaves without a ``NamedSharding`` count as replicated.
+        mesh: The mesh the parameters are (or will be) sharded over.
+        axis: The mesh axis to split the state over, or a sequence of axes.
+
+    Returns:
+        A pytree of ``NamedSharding`` with the structure of ``opt.init(params)``.
+
+    Raises:
+        TypeError: If `mesh` is not a ``jax.sharding.Mesh``.
+        ValueError: If `axis` names no axis of `mesh`, or a leaf of `params` is
+            sharded over another mesh.
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    axes = (axis,) if isinstance(axis, str) else tuple(axis) if isinstance(axis, Sequence) else ()
+    if (
+        not axes
+        or len(set(axes)) != len(axes)
+        or not all(isinstance(a, str) and a in mesh.axis_names for a in axes)
+    ):
+        raise ValueError(
+            f"`axis` must name one or more distinct axes of `mesh` {tuple(mesh.axis_names)}, "
+            f"got {axis!r}."
+        )
+    abstract = jax.tree_util.tree_map_with_path(lambda p, x: _abstract_param(p, x, mesh), params)
+    # The compiler's own placement of the state, so that any transformation in
+    # `opt` is covered, whether or not it shards its state like the parameters.
+    # The mesh context gives arrays that `opt.init` makes from nothing (on
+    # Explicit axes) the devices of the mesh.
+    init = jax.jit(opt.init)
+    with jax.set_mesh(mesh):
+        shapes = jax.eval_shape(init, abstract)
+        placed = init.lower(abstract).compile().output_shardings
+
+    def leaf(shape: jax.ShapeDtypeStruct, sharding: Any) -> NamedSharding:
+        spec = ()
+        if isinstance(sharding, NamedSharding) and _same_mesh(sharding.mesh, mesh):
+            spec = tuple(sharding.spec)
+        return NamedSharding(mesh, _split(tuple(shape.shape), spec, axes, mesh))
+
+    return jax.tree.map(leaf, shapes, placed)

@@ -1,0 +1,347 @@
+"""Multi-device checks, run by tests/test_sharding.py in a subprocess with 8 host devices.
+
+``python -m tests._sharding_worker OUT_DIR`` with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` writes ``OUT_DIR/results.json``
+(facts about shardings, compiled HLO and bytes) and ``OUT_DIR/arrays.npz`` (the
+results of sharded and of single-device runs); the test makes the assertions.
+Importing this module has no side effects.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adamax_jax as ax
+from adamax_jax._precision import CompensateRoundingState
+from adamax_jax._sharding import zero1_state_shardings
+
+DEVICES = 8
+STEPS = 3
+LEARNING_RATE = 0.01
+COLLECTIVES = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)")
+MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+
+# Parameters over a (data=2, model=4) mesh: name -> (shape, spec).
+LAYOUT = {
+    "w": ((8, 16), P("data", "model")),
+    "b": ((16,), P("model")),
+    "e": ((4, 6), P(None, "data")),
+    "c": ((3,), P()),
+    "s": ((), P()),
+}
+
+# ZeRO-1 layouts: (mesh shape, axis names, parameters). On "1d" the parameters
+# are replicated (pure data parallelism); on "2d" they are split over "model".
+ZERO1_LAYOUTS = {
+    "1d": (
+        (8,),
+        ("data",),
+        {
+            "w": ((16, 8), P()),
+            "v": ((3, 24), P()),
+            "b": ((8,), P()),
+            "e": ((4, 6), P()),
+            "s": ((), P()),
+        },
+    ),
+    "2d": (
+        (2, 4),
+        ("data", "model"),
+        {
+            "w": ((8, 16), P(None, "model")),
+            "b": ((16,), P("model")),
+            "c": ((3,), P()),
+            "s": ((), P()),
+        },
+    ),
+}
+
+
+def optimizers():
+    """Optimizer configurations: name -> (factory, parameter dtype)."""
+    return {
+        "adamax": (lambda: ax.adamax(LEARNING_RATE), jnp.float32),
+        "adamax-bf16-state": (
+            lambda: ax.adamax(LEARNING_RATE, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+            jnp.float32,
+        ),
+        "adamaxw-masked": (
+            lambda: ax.adamaxw(LEARNING_RATE, weight_decay=0.1, mask={k: k != "b" for k in LAYOUT}),
+            jnp.float32,
+        ),
+        "nadamax-inside-max": (
+            lambda: ax.nadamax(LEARNING_RATE, eps_mode="inside_max"),
+            jnp.float32,
+        ),
+        "adamax-compensated-bf16": (
+            lambda: ax.adamax(LEARNING_RATE, compensated=True),
+            jnp.bfloat16,
+        ),
+        "scale_by_adamax-complex": (lambda: ax.scale_by_adamax(), jnp.complex64),
+    }
+
+
+FOLLOW_CASES = [(mode, name) for mode in MODES for name in optimizers()]
+ZERO1_CASES = [
+    ("auto", "1d", "adamax"),
+    ("auto", "1d", "adamax-bf16-state"),
+    ("auto", "2d", "adamax-compensated-bf16"),
+    ("explicit", "1d", "adamax"),
+    ("explicit", "2d", "adamax-compensated-bf16"),
+]
+
+
+def host_tree(shapes, dtype, seed):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in shapes.items():
+        x = rng.normal(size=shape)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            x = x + 1j * rng.normal(size=shape)
+        out[name] = np.asarray(x).astype(dtype)
+    return out
+
+
+def put(tree, shardings):
+    return jax.tree.map(jax.device_put, tree, shardings)
+
+
+def _nodes(state):
+    kinds = (ax.ScaleByAdamaxState, CompensateRoundingState)
+    return [n for n in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds))]
+
+
+def param_like_trees(state):
+    """The trees of `state` shaped like the parameters, by name."""
+    trees = {}
+    for node in _nodes(state):
+        if isinstance(node, ax.ScaleByAdamaxState):
+            trees["mu"], trees["nu"] = node.mu, node.nu
+        elif isinstance(node, CompensateRoundingState):
+            trees["compensation"] = node.compensation
+    return trees
+
+
+def scalars(state):
+    node = next(n for n in _nodes(state) if isinstance(n, ax.ScaleByAdamaxState))
+    return {k: v for k, v in (("count", node.count), ("nu_scale", node.nu_scale)) if v is not None}
+
+
+def step_fn(opt):
+    def step(grads, state, params):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def explicit_zero1_step_fn(opt, param_sh, mu_sh):
+    """On Explicit axes shardings are types: gradients and parameters are cut to
+    the state's sharding before the update, and the updates gathered back."""
+
+    def step(grads, state, params):
+        cut = jax.sharding.reshard(params, mu_sh)
+        updates, state = opt.update(jax.sharding.reshard(grads, mu_sh), state, cut)
+        updates = jax.sharding.reshard(updates, param_sh)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def run_steps(opt, params, state, grads_list, jitted=None):
+    step = jitted or jax.jit(step_fn(opt))
+    for grads in grads_list:
+        params, state = step(grads, state, params)
+    return params, state
+
+
+def run_single(opt, host_params, host_grads):
+    """The reference: the same steps on one device."""
+    one = jax.devices()[0]
+    params = jax.device_put(host_params, one)
+    return run_steps(opt, params, jax.jit(opt.init)(params), jax.device_put(host_grads, one))
+
+
+def store(tree, prefix, arrays, dtypes):
+    """Adds the leaves of `tree` to `arrays` (bfloat16 as float32, exactly) and `dtypes`."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = prefix + jax.tree_util.keystr(path)
+        x = np.asarray(leaf)
+        dtypes[key] = str(x.dtype)
+        arrays[key] = x.astype(np.float32) if x.dtype == jnp.bfloat16 else x
+
+
+def spec_entries(spec):
+    """A PartitionSpec as a JSON list, without the trailing Nones that mean the same."""
+    entries = [list(e) if isinstance(e, tuple) else e for e in spec]
+    while entries and entries[-1] is None:
+        entries.pop()
+    return entries
+
+
+def equivalent(a, b, ndim):
+    return bool(a.is_equivalent_to(b, ndim))
+
+
+def check_follow(mode, name, results, arrays):
+    """`jit(init)` places the state like the parameters; the update adds no collectives."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(MODES[mode],) * 2)
+    factory, dtype = optimizers()[name]
+    opt = factory()
+    shapes = {k: shape for k, (shape, _) in LAYOUT.items()}
+    shardings = {k: NamedSharding(mesh, spec) for k, (_, spec) in LAYOUT.items()}
+    host_params = host_tree(shapes, dtype, 0)
+    host_grads = [host_tree(shapes, dtype, 1 + i) for i in range(STEPS)]
+    with jax.set_mesh(mesh):
+        params = put(host_params, shardings)
+        grads = [put(g, shardings) for g in host_grads]
+        state = jax.jit(opt.init)(params)
+        leaves = [
+            {
+                "path": f"{tree_name}['{key}']",
+                "equivalent": equivalent(tree[key].sharding, p.sharding, p.ndim),
+                "state": str(tree[key].sharding),
+                "param": str(p.sharding),
+            }
+            for tree_name, tree in param_like_trees(state).items()
+            for key, p in params.items()
+            if tree[key] is not None
+        ]
+        jitted = jax.jit(step_fn(opt))
+        compiled = jitted.lower(grads[0], state, params).compile()
+        out_params, out_state = compiled.output_shardings
+        new_params, new_state = run_steps(opt, params, state, grads, jitted)
+    results[f"follow/{mode}/{name}"] = {
+        "leaves": leaves,
+        "scalars_replicated": {
+            k: v.sharding.is_fully_replicated for k, v in scalars(state).items()
+        },
+        "collectives": sorted(set(COLLECTIVES.findall(compiled.as_text()))),
+        "state_out_equivalent": all(
+            jax.tree.leaves(
+                jax.tree.map(lambda o, x: equivalent(o, x.sharding, x.ndim), out_state, state)
+            )
+        ),
+        "param_out_equivalent": all(
+            equivalent(out_params[k], params[k].sharding, params[k].ndim)
+            and equivalent(new_params[k].sharding, params[k].sharding, params[k].ndim)
+            for k in params
+        ),
+    }
+    store((new_params, new_state), f"follow/{mode}/{name}/sharded", arrays, results["dtypes"])
+    if mode == "auto":
+        single = run_single(opt, host_params, host_grads)
+        store(single, f"follow/single/{name}", arrays, results["dtypes"])
+
+
+def check_optax_control(results):
+    """optax's own adamax under the same jit, so that the check is seen to tell."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    params = put(
+        host_tree({k: shape for k, (shape, _) in LAYOUT.items()}, jnp.float32, 0),
+        {k: NamedSharding(mesh, spec) for k, (_, spec) in LAYOUT.items()},
+    )
+    state = jax.jit(optax.adamax(LEARNING_RATE).init)(params)
+    results["optax_control"] = {
+        key: equivalent(state[0].mu[key].sharding, p.sharding, p.ndim) for key, p in params.items()
+    }
+
+
+def per_device_bytes(leaves):
+    """Bytes of `leaves` on each device, by device id."""
+    out = {str(d.id): 0 for d in jax.devices()}
+    for leaf in leaves:
+        for shard in leaf.addressable_shards:
+            out[str(shard.device.id)] += shard.data.nbytes
+    return out
+
+
+def check_zero1(mode, layout, name, results, arrays):
+    """`zero1_state_shardings`: bytes per device, placement and results."""
+    mesh_shape, names, spec = ZERO1_LAYOUTS[layout]
+    mesh = jax.make_mesh(mesh_shape, names, axis_types=(MODES[mode],) * len(names))
+    factory, dtype = optimizers()[name]
+    opt = factory()
+    param_sh = {k: NamedSharding(mesh, p) for k, (_, p) in spec.items()}
+    host_params = host_tree({k: shape for k, (shape, _) in spec.items()}, dtype, 0)
+    host_grads = [host_tree({k: s for k, (s, _) in spec.items()}, dtype, 1 + i) for i in range(3)]
+    with jax.set_mesh(mesh):
+        params = put(host_params, param_sh)
+        abstract = {
+            k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=param_sh[k])
+            for k, x in host_params.items()
+        }
+        state_sh = zero1_state_shardings(opt, params, mesh, "data")
+        state_sh_abstract = zero1_state_shardings(opt, abstract, mesh, "data")
+        state = jax.jit(opt.init, out_shardings=state_sh)(params)
+        plain = jax.jit(opt.init)(params)
+        step = step_fn(opt)
+        if mode == "explicit" and layout == "2d":
+            step = explicit_zero1_step_fn(opt, param_sh, param_like_trees(state_sh)["mu"])
+        jitted = jax.jit(
+            step,
+            in_shardings=(param_sh, state_sh, param_sh),
+            out_shardings=(param_sh, state_sh),
+        )
+        grads = [put(g, param_sh) for g in host_grads]
+        new_params, new_state = run_steps(opt, params, state, grads, jitted)
+
+    trees, plain_trees, sh_trees = (param_like_trees(t) for t in (state, plain, state_sh))
+    paths = [(t, k) for t in trees for k in spec]
+    split = [(t, k) for t, k in paths if "data" in str(trees[t][k].sharding.spec)]
+    whole = [(t, k) for t, k in paths if (t, k) not in split]
+    results[f"zero1/{mode}/{layout}/{name}"] = {
+        "specs": {f"{t}['{k}']": spec_entries(sh_trees[t][k].spec) for t, k in paths},
+        "abstract_same": jax.tree.structure(state_sh) == jax.tree.structure(state_sh_abstract)
+        and all(jax.tree.leaves(jax.tree.map(lambda a, b: a == b, state_sh, state_sh_abstract))),
+        "state_placed_as_asked": all(
+            jax.tree.leaves(
+                jax.tree.map(lambda x, s: equivalent(x.sharding, s, x.ndim), state, state_sh)
+            )
+        ),
+        "split_paths": [f"{t}['{k}']" for t, k in split],
+        "split_total": sum(trees[t][k].nbytes for t, k in split),
+        "split_per_device": per_device_bytes([trees[t][k] for t, k in split]),
+        "split_per_device_unzero": per_device_bytes([plain_trees[t][k] for t, k in split]),
+        "whole_total": sum(trees[t][k].nbytes for t, k in whole),
+        "whole_per_device": per_device_bytes([trees[t][k] for t, k in whole]),
+        "scalars_replicated": all(x.sharding.is_fully_replicated for x in scalars(state).values()),
+        "params_keep_shardings": all(
+            equivalent(new_params[k].sharding, param_sh[k], new_params[k].ndim) for k in spec
+        ),
+        "axis_size": mesh.shape["data"],
+    }
+    store(
+        (new_params, new_state), f"zero1/{mode}/{layout}/{name}/sharded", arrays, results["dtypes"]
+    )
+    single = run_single(opt, host_params, host_grads)
+    store(single, f"zero1/{mode}/{layout}/{name}/single", arrays, results["dtypes"])
+
+
+def main(out_dir: str) -> None:
+    if jax.device_count() != DEVICES:
+        sys.exit(f"needs {DEVICES} devices (XLA_FLAGS), found {jax.device_count()}")
+    # The same strictness as tests/conftest.py.
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    results, arrays = {"dtypes": {}}, {}
+    for case in FOLLOW_CASES:
+        check_follow(*case, results, arrays)
+    check_optax_control(results)
+    for case in ZERO1_CASES:
+        check_zero1(*case, results, arrays)
+    out = Path(out_dir)
+    np.savez(out / "arrays.npz", **arrays)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

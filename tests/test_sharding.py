@@ -1,0 +1,371 @@
+"""SPMD: state sharded like the parameters, ZeRO-1 state sharding, multi-process training.
+
+The multi-device checks run in subprocesses, since the device count must be set
+(XLA_FLAGS) before JAX starts: tests/_sharding_worker.py on 8 host devices, and
+tests/_multiprocess_worker.py as 2 processes of 4 host devices each.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adamax_jax as ax
+from adamax_jax._sharding import _split, zero1_state_shardings, zeros_like
+from tests import _multiprocess_worker, _sharding_worker
+
+REPO = Path(__file__).resolve().parents[1]
+# Bounds against a hang, not speed targets: generous for a loaded 2-core machine.
+SHARDING_TIMEOUT_S = 300
+MULTIPROCESS_TIMEOUT_S = 120
+
+
+class WorkerFailure(AssertionError):
+    """A worker subprocess died, failed or ran out of time."""
+
+
+def _env(devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _tail(path, limit=4000):
+    text = Path(path).read_text(errors="replace")
+    return text[-limit:]
+
+
+def run_workers(commands, env, timeout, log_dir):
+    """Runs `commands` at once; all must exit 0.
+
+    As soon as one exits non-zero the others are killed and WorkerFailure names
+    it with its stderr; past `timeout` every one still running is killed. No
+    process outlives this call.
+    """
+    procs, logs = [], []
+    try:
+        for i, command in enumerate(commands):
+            out, err = Path(log_dir) / f"worker_{i}.out", Path(log_dir) / f"worker_{i}.err"
+            logs.append(err)
+            with open(out, "wb") as fout, open(err, "wb") as ferr:
+                procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=fout, stderr=ferr))
+        deadline = time.monotonic() + timeout
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                raise WorkerFailure(
+                    "\n".join(
+                        f"worker {i} ({' '.join(commands[i][2:])}) exited with {codes[i]}; "
+                        f"its stderr:\n{_tail(logs[i])}"
+                        for i in failed
+                    )
+                )
+            if all(c == 0 for c in codes):
+                return
+            if time.monotonic() > deadline:
+                running = [i for i, c in enumerate(codes) if c is None]
+                raise WorkerFailure(
+                    f"workers {running} still running after {timeout} s; stderr of worker "
+                    f"{running[0]}:\n{_tail(logs[running[0]])}"
+                )
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# In this process, on one device.
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "dtype, target, expected",
+    [
+        (jnp.float32, None, jnp.float32),
+        (jnp.bfloat16, jnp.float32, jnp.float32),
+        (jnp.float32, jnp.bfloat16, jnp.bfloat16),
+        (jnp.complex64, None, jnp.complex64),
+        (jnp.complex64, jnp.float32, jnp.float32),
+    ],
+)
+@pytest.mark.parametrize("shape", [(), (3,), (2, 5)])
+def test_zeros_like_is_zero_of_the_dtype_whatever_the_input(shape, dtype, target, expected, jit):
+    # NaN and inf in the input must not leak through the select.
+    x = jnp.full(shape, jnp.nan, dtype) if shape != (3,) else jnp.array([1, jnp.inf, -2], dtype)
+    fn = jax.jit(zeros_like, static_argnums=1) if jit else zeros_like
+    out = fn(x, target)
+    chex.assert_shape(out, shape)
+    assert out.dtype == jnp.dtype(expected)
+    np.testing.assert_array_equal(np.asarray(out), np.zeros(shape, expected))
+
+
+def _mesh(name="data"):
+    return Mesh(np.array(jax.devices()[:1]), (name,))
+
+
+@pytest.mark.parametrize("axis", ["model", (), ("data", "data"), 3, ("data", "model")])
+def test_zero1_rejects_an_axis_not_of_the_mesh(axis):
+    with pytest.raises(ValueError, match=r"`axis` must name .* got "):
+        zero1_state_shardings(ax.adamax(), {"w": jnp.ones(4)}, _mesh(), axis)
+
+
+def test_zero1_rejects_what_is_not_a_mesh():
+    with pytest.raises(TypeError, match=r"`mesh` must be a jax.sharding.Mesh, got str"):
+        zero1_state_shardings(ax.adamax(), {"w": jnp.ones(4)}, "data", "data")
+
+
+def test_zero1_rejects_parameters_on_another_mesh():
+    other = NamedSharding(_mesh("x"), P())
+    params = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=other)}
+    with pytest.raises(ValueError, match=r"`params`\['w'\] is sharded over a mesh with axes"):
+        zero1_state_shardings(ax.adamax(), params, _mesh(), "data")
+
+
+def test_zero1_on_one_device_gives_a_state_that_trains_like_the_plain_one():
+    mesh = _mesh()
+    opt = ax.adamax(0.1)
+    params = {"w": jnp.arange(4.0, dtype=jnp.float32), "s": jnp.float32(1.0)}
+    shardings = zero1_state_shardings(opt, params, mesh, "data")
+    chex.assert_trees_all_equal_structs(shardings, opt.init(params))
+    state = jax.jit(opt.init, out_shardings=shardings)(params)
+    grads = {"w": jnp.array([1.0, -2.0, 0.5, 0.0], jnp.float32), "s": jnp.float32(-1.0)}
+    got, _ = jax.jit(opt.update)(grads, state, params)
+    want, _ = opt.update(grads, opt.init(params), params)
+    chex.assert_trees_all_close(got, want)
+
+
+MESH_2x4 = {"data": 2, "model": 4}
+
+
+@pytest.mark.parametrize(
+    "shape, spec, axes, sizes, expected",
+    [
+        ((16, 8), (), ("data",), {"data": 8}, P("data", None)),
+        ((3, 24), (), ("data",), {"data": 8}, P(None, "data")),
+        ((4, 6), (), ("data",), {"data": 8}, P()),
+        ((), (), ("data",), {"data": 8}, P()),
+        ((0, 8), (), ("data",), {"data": 8}, P(None, "data")),
+        ((8, 16), (None, "model"), ("data",), MESH_2x4, P("data", "model")),
+        # Only one dimension: the axes join the one already there.
+        ((16,), ("model",), ("data",), MESH_2x4, P(("model", "data"))),
+        # 4 is split 4 ways already: 1 left, not divisible by 2.
+        ((4, 3), ("model",), ("data",), MESH_2x4, P("model")),
+        # Already split over the axis (FSDP): left alone.
+        ((8, 16), ("data", "model"), ("data",), MESH_2x4, P("data", "model")),
+        ((16, 16), (), ("data", "model"), MESH_2x4, P(("data", "model"), None)),
+    ],
+)
+def test_split_rule(shape, spec, axes, sizes, expected):
+    mesh = types.SimpleNamespace(shape=sizes)
+    assert _split(shape, spec, axes, mesh) == expected
+
+
+# ---------------------------------------------------------------------------
+# 8 host devices, in a subprocess.
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding")
+    command = [sys.executable, "-m", "tests._sharding_worker", str(out)]
+    run_workers([command], _env(8), SHARDING_TIMEOUT_S, out)
+    results = json.loads((out / "results.json").read_text())
+    with np.load(out / "arrays.npz") as arrays:
+        return results, dict(arrays)
+
+
+def _close_to_single(arrays, dtypes, sharded_prefix, single_prefix):
+    """Every leaf of the sharded run against the single-device one.
+
+    XLA fuses a partitioned program differently from the whole one, and may
+    round a multiply-add once or twice, or keep a low-precision intermediate in
+    float32 (excess precision): the last bit can differ. The bound is 2 units
+    in the last place of the largest magnitude of each array; a misplaced or
+    missing value would be off by the values themselves. A compensation buffer
+    takes up what rounding left out of the update (up to the learning rate in
+    size), in float32, so it is judged against the update and against its span,
+    half a unit in the last place of its parameter, whichever is larger.
+    """
+    keys = [k for k in arrays if k.startswith(sharded_prefix)]
+    assert keys, f"no arrays under {sharded_prefix}"
+    for key in keys:
+        got, want = arrays[key], arrays[single_prefix + key[len(sharded_prefix) :]]
+        dtype = np.dtype(jnp.dtype(dtypes[key]))
+        if np.issubdtype(dtype, np.integer):
+            np.testing.assert_array_equal(got, want, err_msg=key)
+            continue
+        eps = float(jnp.finfo(dtype).eps)
+        scale = np.max(np.abs(want), initial=0.0)
+        if ".compensation[" in key:
+            # (params, state): the parameter of "[1][2].compensation['w']" is "[0]['w']".
+            param = arrays[single_prefix + "[0]" + key[key.index(".compensation[") + 13 :]]
+            scale = max(scale, eps * np.max(np.abs(param)) / 2, _sharding_worker.LEARNING_RATE)
+        bound = 2 * eps * scale
+        err = np.max(np.abs(got - want), initial=0.0)
+        assert err <= bound, f"{key}: max error {err} > {bound} (2 ulp of {scale}, {dtype})"
+
+
+@pytest.mark.parametrize("mode, name", _sharding_worker.FOLLOW_CASES)
+def test_jit_init_shards_state_like_params(sharded, mode, name):
+    record = sharded[0][f"follow/{mode}/{name}"]
+    assert len(record["leaves"]) >= 2 * len(_sharding_worker.LAYOUT)
+    wrong = [leaf for leaf in record["leaves"] if not leaf["equivalent"]]
+    assert not wrong, "state not sharded like its parameter:\n" + "\n".join(
+        f"{w['path']}: {w['state']} vs {w['param']}" for w in wrong
+    )
+    assert record["scalars_replicated"] and all(record["scalars_replicated"].values())
+
+
+def test_the_sharding_check_tells_state_on_one_device_apart(sharded):
+    # optax's own adamax makes its zeros from nothing; under jit on Auto axes
+    # they land on one device. The same comparison must see that.
+    control = sharded[0]["optax_control"]
+    assert set(control) == set(_sharding_worker.LAYOUT)
+    assert not any(control[k] for k in ("w", "b", "e")), control
+
+
+@pytest.mark.parametrize("mode, name", _sharding_worker.FOLLOW_CASES)
+def test_update_adds_no_collectives(sharded, mode, name):
+    record = sharded[0][f"follow/{mode}/{name}"]
+    assert record["collectives"] == [], f"collectives in the compiled update: {record}"
+
+
+@pytest.mark.parametrize("mode, name", _sharding_worker.FOLLOW_CASES)
+def test_update_keeps_every_sharding(sharded, mode, name):
+    record = sharded[0][f"follow/{mode}/{name}"]
+    assert record["state_out_equivalent"]
+    assert record["param_out_equivalent"]
+
+
+@pytest.mark.parametrize("mode, name", _sharding_worker.FOLLOW_CASES)
+def test_sharded_steps_equal_single_device_steps(sharded, mode, name):
+    results, arrays = sharded
+    _close_to_single(
+        arrays, results["dtypes"], f"follow/{mode}/{name}/sharded", f"follow/single/{name}"
+    )
+
+
+# What the split rule gives, worked out by hand for each layout.
+ZERO1_SPECS = {
+    "1d": {"w": ["data"], "v": [None, "data"], "b": ["data"], "e": [], "s": []},
+    "2d": {"w": ["data", "model"], "b": [["model", "data"]], "c": [], "s": []},
+}
+
+
+@pytest.mark.parametrize("mode, layout, name", _sharding_worker.ZERO1_CASES)
+def test_zero1_specs(sharded, mode, layout, name):
+    record = sharded[0][f"zero1/{mode}/{layout}/{name}"]
+    trees = ["mu", "nu"] + (["compensation"] if "compensated" in name else [])
+    expected = {f"{t}['{k}']": v for t in trees for k, v in ZERO1_SPECS[layout].items()}
+    assert record["specs"] == expected
+    assert record["abstract_same"], "abstract parameters gave other shardings"
+
+
+@pytest.mark.parametrize("mode, layout, name", _sharding_worker.ZERO1_CASES)
+def test_zero1_state_bytes_per_device(sharded, mode, layout, name):
+    record = sharded[0][f"zero1/{mode}/{layout}/{name}"]
+    n = record["axis_size"]
+    assert record["split_paths"], "nothing was split"
+    assert record["split_total"] % n == 0
+    for device, got in record["split_per_device"].items():
+        # 1/N of what each device holds without ZeRO-1 ...
+        assert got * n == record["split_per_device_unzero"][device], device
+        # ... which, with 8 devices in all, is 1/8 of the whole in both layouts.
+        assert got * 8 == record["split_total"], device
+    # What cannot be split is whole on every device.
+    assert set(record["whole_per_device"].values()) == {record["whole_total"]}
+
+
+@pytest.mark.parametrize("mode, layout, name", _sharding_worker.ZERO1_CASES)
+def test_zero1_state_and_params_placed_as_asked(sharded, mode, layout, name):
+    record = sharded[0][f"zero1/{mode}/{layout}/{name}"]
+    assert record["state_placed_as_asked"]
+    assert record["scalars_replicated"]
+    assert record["params_keep_shardings"]
+
+
+@pytest.mark.parametrize("mode, layout, name", _sharding_worker.ZERO1_CASES)
+def test_zero1_steps_equal_single_device_steps(sharded, mode, layout, name):
+    results, arrays = sharded
+    prefix = f"zero1/{mode}/{layout}/{name}"
+    _close_to_single(arrays, results["dtypes"], f"{prefix}/sharded", f"{prefix}/single")
+
+
+# ---------------------------------------------------------------------------
+# 2 processes of 4 host devices, over 127.0.0.1.
+
+
+def _process_commands(out, die_after_init=()):
+    port = _free_port()
+    commands = []
+    for i in range(_multiprocess_worker.NUM_PROCESSES):
+        command = [sys.executable, "-m", "tests._multiprocess_worker", "--process-id", str(i)]
+        command += ["--port", str(port), "--out", str(out)]
+        if i in die_after_init:
+            command.append("--die-after-init")
+        commands.append(command)
+    return commands
+
+
+def test_two_processes_train_like_one(tmp_path):
+    run_workers(
+        _process_commands(tmp_path),
+        _env(_multiprocess_worker.LOCAL_DEVICES),
+        MULTIPROCESS_TIMEOUT_S,
+        tmp_path,
+    )
+    reference = _multiprocess_worker.train_single()
+    initial, _, _ = _multiprocess_worker.problem()
+    finals = []
+    for i in range(_multiprocess_worker.NUM_PROCESSES):
+        with np.load(tmp_path / f"process_{i}.npz") as f:
+            finals.append(dict(f))
+        layout = json.loads((tmp_path / f"process_{i}.json").read_text())
+        assert layout.pop("process_count") == 2
+        for path, leaf in layout.items():
+            shards = leaf["local_shard_nbytes"]
+            assert len(shards) == _multiprocess_worker.LOCAL_DEVICES, path
+            # b2 has one element and stays whole; all else is split 8 ways.
+            parts = 1 if "b2" in path else 8
+            assert shards == [leaf["nbytes"] // parts] * len(shards), (path, leaf)
+    chex.assert_trees_all_equal(finals[0], finals[1])
+    for key, want in reference.items():
+        assert np.max(np.abs(finals[0][key] - want)) <= 1e-6, key
+        # It trained: a run that left the parameters alone would pass the rest.
+        assert np.max(np.abs(want - initial[key])) > 1e-3, key
+
+
+def test_a_dead_process_fails_the_run_with_its_message(tmp_path):
+    commands = _process_commands(tmp_path, die_after_init={1})
+    with pytest.raises(WorkerFailure, match=r"(?s)worker 1 .* exited with 3.*stops on purpose"):
+        run_workers(
+            commands,
+            _env(_multiprocess_worker.LOCAL_DEVICES),
+            MULTIPROCESS_TIMEOUT_S,
+            tmp_path,
+        )
+    # Its peer cannot have finished without it; it was stopped, not waited for.
+    assert not (tmp_path / "process_0.npz").exists()
