@@ -63,6 +63,18 @@ def _split_apply(fn, *xs):
     return lax.complex(fn(*(x.real for x in xs)), fn(*(x.imag for x in xs)))
 
 
+def _bias_correction(b1: jax.Array, one_minus_b1: jax.Array, count: jax.Array) -> jax.Array:
+    """``1 - β₁^t``: an integer power as optax computes it, finite for every t.
+
+    Where β₁ rounds to 1 in this dtype (1 - 1e-8 in float32) the power gives
+    0 and the step would be infinite; there ``1 - β₁``, formed before the
+    rounding, gives it as ``-expm1(t log1p(-(1 - β₁)))``.
+    """
+    power = 1 - lax.pow(b1, count)
+    small = -jnp.expm1(count.astype(b1.dtype) * jnp.log1p(-one_minus_b1))
+    return jnp.where(b1 < 1, power, small)
+
+
 def adamax_leaf(
     g: jax.Array,
     m: jax.Array,
@@ -146,9 +158,10 @@ def adamax_leaf(
     u = v_new if nu_gain is None else v_new / jnp.asarray(nu_gain, rdt).astype(mag.dtype)
 
     # An integer power, as optax computes it; finite for every t.
-    bc = 1 - lax.pow(b1_r, count)
+    one_minus_b1_r = jnp.asarray(1 - b1, rdt)
+    bc = _bias_correction(b1_r, one_minus_b1_r, count)
     if nesterov:
-        bc_next = 1 - lax.pow(b1_r, optax.safe_increment(count))
+        bc_next = _bias_correction(b1_r, one_minus_b1_r, optax.safe_increment(count))
         m_hat = b1_c * m_new / bc_next.astype(cdt) + one_minus_b1 * gc / bc.astype(cdt)
     else:
         m_hat = m_new / bc.astype(cdt)

@@ -52,12 +52,12 @@ def _check_hyperparameters(b1: Any, b2: Any, eps: Any, eps_mode: Any) -> None:
 
 def _guard_zero_denominator(eps: Any, eps_mode: str) -> bool:
     # Only when the denominator can be zero: then u = 0, every gradient so far
-    # was 0, m = 0 too, and the step is 0 rather than 0/0.
-    if eps_mode == "inside_max":
-        return False
-    if eps_mode == "denominator" and isinstance(eps, numbers.Real) and eps > 0:
-        return False
-    return True
+    # was 0, m = 0 too, and the step is 0 rather than 0/0. With ε in either
+    # place the denominator is at least ε, unless ε is traced or so small that
+    # it flushes to zero in float32 (after the gain of a scaled ν, >= 1/2).
+    if eps_mode == "none" or not isinstance(eps, numbers.Real):
+        return True
+    return eps < 4 * float(jnp.finfo(jnp.float32).tiny)
 
 
 def scale_by_adamax(
@@ -118,6 +118,7 @@ def scale_by_adamax(
         An ``optax.GradientTransformationExtraArgs``.
     """
     _check_hyperparameters(b1, b2, eps, eps_mode)
+    _validation.check_bool("nesterov", nesterov)
     _validation.check_choice("complex_mode", complex_mode, COMPLEX_MODES)
     _validation.check_dtype("mu_dtype", mu_dtype)
     _validation.check_dtype("nu_dtype", nu_dtype)
@@ -151,8 +152,10 @@ def scale_by_adamax(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByAdamaxState]:
-        del params, extra_args
+        del extra_args
         _validation.check_same_structure("updates", updates, "state.mu", state.mu)
+        if params is not None:
+            _validation.check_same_structure("params", params, "state.mu", state.mu)
         count = optax.safe_increment(state.count)
         nu_scale = state.nu_scale
         gain = shift = None
@@ -216,6 +219,7 @@ def _chain(
     compensated: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     _validation.check_learning_rate(learning_rate)
+    _validation.check_bool("compensated", compensated)
     parts = [direction]
     if weight_decay is not None:
         parts.append(optax.add_decayed_weights(weight_decay, mask))
@@ -524,6 +528,10 @@ def adamax_step(
     param, grad, m, u = (_as_tree(x) for x in (param, grad, m, u))
     for name, tree in (("grad", grad), ("m", m), ("u", u)):
         _validation.check_same_structure(name, tree, "param", param)
+    # The step counter of the transformations saturates at the int32 maximum;
+    # so does `t`, where 1 - β₁^t is 1 in any float dtype already.
+    if isinstance(t, numbers.Integral):
+        t = min(t, int(np.iinfo(np.int32).max))
     count = jnp.asarray(t, jnp.int32)
     guard = _guard_zero_denominator(eps, eps_mode)
 

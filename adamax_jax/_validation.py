@@ -1,20 +1,46 @@
 """Checks of hyperparameters and pytrees, with errors that name what is wrong.
 
-Only concrete Python numbers are checked, so traced values (as from
-``optax.inject_hyperparams``) pass through untouched.
+Only concrete values are checked: Python numbers and NumPy scalars or arrays.
+JAX arrays pass through untouched, so traced values (as under ``jax.jit`` or
+``optax.inject_hyperparams``) keep working and no check waits on a device.
 """
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def _is_concrete_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def _check_number(name: str, value: Any) -> None:
+    """Raises ValueError for a value that can never be a real hyperparameter."""
+    is_bool = isinstance(value, (bool, np.bool_))
+    not_real = isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real)
+    if is_bool or not_real or value is None or isinstance(value, (str, bytes)):
+        raise ValueError(f"`{name}` must be a real number, got {value!r}.")
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise ValueError(f"`{name}` must be a real number, got {value!r}.")
+
+
+def _concrete_values(value: Any) -> list[float]:
+    """The values of a Python number or NumPy value; nothing for anything else."""
+    if isinstance(value, numbers.Real):
+        return [float(value)]
+    if isinstance(value, (np.ndarray, np.generic)):
+        return [float(x) for x in np.ravel(value)]
+    return []
+
+
+def _check_values(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
+    _check_number(name, value)
+    if not all(ok(x) for x in _concrete_values(value)):
+        raise ValueError(f"`{name}` must be {requirement}, got {value!r}.")
 
 
 def check_interval(
@@ -26,34 +52,26 @@ def check_interval(
     high_open: bool = False,
 ) -> None:
     """Raises ValueError if a concrete `value` is outside [low, high] or [low, high)."""
-    if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a number, got {value!r}.")
-    if not _is_concrete_number(value):
-        return
-    above = value >= high if high_open else value > high
-    if not math.isfinite(value) or value < low or above:
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"`{name}` must be in [{low}, {high}{bracket}, got {value!r}.")
+
+    def inside(x: float) -> bool:
+        return low <= x < high if high_open else low <= x <= high
+
+    bracket = ")" if high_open else "]"
+    _check_values(name, value, inside, f"in [{low:g}, {high:g}{bracket}")
 
 
 def check_nonnegative_finite(name: str, value: Any) -> None:
     """Raises ValueError if a concrete `value` is negative or not finite."""
-    if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a number, got {value!r}.")
-    if _is_concrete_number(value) and (not math.isfinite(value) or value < 0):
-        raise ValueError(f"`{name}` must be finite and >= 0, got {value!r}.")
+    _check_values(name, value, lambda x: math.isfinite(x) and x >= 0, "finite and >= 0")
 
 
 def check_finite(name: str, value: Any) -> None:
     """Raises ValueError if a concrete `value` is not finite."""
-    if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a number, got {value!r}.")
-    if _is_concrete_number(value) and not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value!r}.")
+    _check_values(name, value, math.isfinite, "finite")
 
 
 def check_learning_rate(value: Any) -> None:
-    """A learning rate is a finite number, an array or a schedule."""
+    """A learning rate is a finite number, an array or a schedule (a callable)."""
     if callable(value):
         return
     if value is None:
@@ -62,10 +80,16 @@ def check_learning_rate(value: Any) -> None:
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    """Raises ValueError if `value` is not one of `choices`."""
-    if value not in choices:
+    """Raises ValueError if `value` is not one of the strings in `choices`."""
+    if not isinstance(value, str) or value not in choices:
         options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"`{name}` must be one of {options}, got {value!r}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raises ValueError unless `value` is True or False."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 
 
 def check_dtype(name: str, value: Any) -> None:
@@ -89,12 +113,19 @@ def _paths(tree: Any) -> dict[str, Any]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
 
 
+def _dtype(leaf: Any) -> jnp.dtype:
+    # Arrays, tracers and jax.ShapeDtypeStruct carry a dtype; reading it
+    # copies nothing, where jnp.asarray would copy a NumPy leaf to the device.
+    dtype = getattr(leaf, "dtype", None)
+    return jnp.dtype(dtype) if dtype is not None else jnp.result_type(leaf)
+
+
 def check_trainable(params: Any) -> None:
     """Raises TypeError for integer or boolean leaves, naming their paths."""
     bad = [
-        f"{path or '<root>'} ({jnp.asarray(leaf).dtype})"
+        f"{path or '<root>'} ({_dtype(leaf)})"
         for path, leaf in _paths(params).items()
-        if leaf is not None and not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+        if leaf is not None and not jnp.issubdtype(_dtype(leaf), jnp.inexact)
     ]
     if bad:
         raise TypeError(

@@ -1,0 +1,153 @@
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import adamax_jax as ax
+
+
+def _params():
+    return {
+        "dense": {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros(4)},
+        "norm": {"scale": jnp.ones(4, jnp.bfloat16)},
+        "head": (jnp.arange(4, dtype=jnp.float16) / 4, None),
+    }
+
+
+def _float32_params():
+    return {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros(4)}
+
+
+def _loss(params):
+    leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(params)]
+    return sum(jnp.sum(jnp.sin(3 * x) + x**2) for x in leaves)
+
+
+def _matrices(params):
+    return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+CONFIGS = {
+    # float32 only: nu_scale is None.
+    "adamax-f32": (lambda: ax.adamax(0.01), _float32_params),
+    "adamax-mixed": (lambda: ax.adamax(0.01), _params),
+    "bf16-nu": (lambda: ax.adamax(0.01, nu_dtype=jnp.bfloat16, mu_dtype=jnp.bfloat16), _params),
+    "compensated": (lambda: ax.adamax(0.01, compensated=True), _params),
+    "nadamax": (lambda: ax.nadamax(0.01), _params),
+    "adamaxw-mask": (
+        lambda: ax.adamaxw(
+            0.01, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+        ),
+        _float32_params,
+    ),
+    "apply-if-finite": (
+        lambda: optax.apply_if_finite(ax.adamax(0.01), max_consecutive_errors=2),
+        _params,
+    ),
+}
+
+
+@functools.cache
+def _compiled(name):
+    """One optimizer and one compiled step per configuration, shared by the tests."""
+    opt = CONFIGS[name][0]()
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(_loss)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return opt, step
+
+
+def _run(name, params, state, steps):
+    _, step = _compiled(name)
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+def _inner(state):
+    """The ScaleByAdamaxState inside a chain or a wrapper."""
+    found = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ax.ScaleByAdamaxState))
+        if isinstance(s, ax.ScaleByAdamaxState)
+    ]
+    assert len(found) == 1
+    return found[0]
+
+
+def _structure(tree):
+    return jax.tree.structure(tree, is_leaf=lambda x: x is None)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_state_is_a_plain_pytree_of_arrays(name):
+    opt, _ = _compiled(name)
+    params = CONFIGS[name][1]()
+    _, state = _run(name, params, opt.init(params), 2)
+    leaves = jax.tree.leaves(state)
+    assert leaves and all(isinstance(x, jax.Array) for x in leaves)
+    # Through host memory and back, as any serializer would do it.
+    host = jax.tree.map(np.asarray, state)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
+    back = jax.tree.map(jnp.asarray, host)
+    assert _structure(back) == _structure(state)
+    chex.assert_trees_all_equal(back, state)
+    chex.assert_trees_all_equal_dtypes(back, state)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_orbax_round_trip(name, tmp_path):
+    opt, _ = _compiled(name)
+    params = CONFIGS[name][1]()
+    _, state = _run(name, params, opt.init(params), 3)
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", state)
+        checkpointer.wait_until_finished()
+        restored = checkpointer.restore(tmp_path / "state", target)
+    assert _structure(restored) == _structure(state)
+    chex.assert_trees_all_equal(restored, state)
+    chex.assert_trees_all_equal_dtypes(restored, state)
+    inner, restored_inner = _inner(state), _inner(restored)
+    assert type(restored_inner) is ax.ScaleByAdamaxState
+    assert (restored_inner.nu_scale is None) == (inner.nu_scale is None)
+    if name == "adamax-f32":
+        assert restored_inner.nu_scale is None
+    if name == "bf16-nu":
+        assert restored_inner.nu_scale is not None
+
+
+@pytest.mark.parametrize("name", ["adamax-f32", "bf16-nu", "compensated", "apply-if-finite"])
+@pytest.mark.parametrize("k", [1, 5])
+def test_resume_is_bit_identical(name, k, tmp_path):
+    steps = 8
+    opt, _ = _compiled(name)
+    params = CONFIGS[name][1]()
+    straight = _run(name, params, opt.init(params), steps)
+
+    saved_params, saved_state = _run(name, params, opt.init(params), k)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / f"step_{k}", {"params": saved_params, "opt": saved_state})
+        checkpointer.wait_until_finished()
+    del saved_params, saved_state
+
+    # A fresh program knows only the shapes: it builds the target abstractly.
+    fresh = CONFIGS[name][0]()
+    template = CONFIGS[name][1]()
+    target = jax.eval_shape(lambda p: {"params": p, "opt": fresh.init(p)}, template)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(tmp_path / f"step_{k}", target)
+    resumed = _run(name, restored["params"], restored["opt"], steps - k)
+
+    chex.assert_trees_all_equal(resumed, straight)
+    chex.assert_trees_all_equal_dtypes(resumed, straight)
+    assert int(_inner(resumed[1]).count) == steps
