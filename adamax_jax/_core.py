@@ -75,6 +75,22 @@ def _bias_correction(b1: jax.Array, one_minus_b1: jax.Array, count: jax.Array) -
     return jnp.where(b1 < 1, power, small)
 
 
+def bias_corrections(
+    b1: jax.typing.ArrayLike, count: jax.Array, dtype: jax.typing.DTypeLike, nesterov: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """``1 - β₁^t`` in the real `dtype`, and ``1 - β₁^(t+1)`` for Nesterov momentum.
+
+    One pair serves every leaf of that dtype: computed once per step rather
+    than once per leaf, it keeps tracing and compiling a large tree short.
+    """
+    b1_r = jnp.asarray(b1, dtype)
+    one_minus_b1_r = jnp.asarray(1 - b1, dtype)
+    bc = _bias_correction(b1_r, one_minus_b1_r, count)
+    if not nesterov:
+        return bc, None
+    return bc, _bias_correction(b1_r, one_minus_b1_r, optax.safe_increment(count))
+
+
 def adamax_leaf(
     g: jax.Array,
     m: jax.Array,
@@ -90,6 +106,7 @@ def adamax_leaf(
     nu_gain: jax.typing.ArrayLike | None = None,
     nu_decay: jax.typing.ArrayLike | None = None,
     guard_zero: bool = False,
+    corrections: tuple[jax.Array, jax.Array | None] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     r"""One AdaMax step for one array.
 
@@ -121,6 +138,8 @@ def adamax_leaf(
         nu_decay: The factor applied to the stored ν; defaults to β₂.
         guard_zero: Give 0 where the denominator is 0 (possible only without
             ε, and only where every gradient so far was 0, so that m is 0 too).
+        corrections: :func:`bias_corrections` for this leaf's real compute
+            dtype, when the caller shares them between leaves.
 
     Returns:
         The direction (in the gradient's dtype) and the new ``m`` and ``v`` in
@@ -157,11 +176,10 @@ def adamax_leaf(
         v_new = jnp.maximum(mag, decay * vc)
     u = v_new if nu_gain is None else v_new / jnp.asarray(nu_gain, rdt).astype(mag.dtype)
 
-    # An integer power, as optax computes it; finite for every t.
-    one_minus_b1_r = jnp.asarray(1 - b1, rdt)
-    bc = _bias_correction(b1_r, one_minus_b1_r, count)
+    if corrections is None:
+        corrections = bias_corrections(b1, count, rdt, nesterov)
+    bc, bc_next = corrections
     if nesterov:
-        bc_next = _bias_correction(b1_r, one_minus_b1_r, optax.safe_increment(count))
         m_hat = b1_c * m_new / bc_next.astype(cdt) + one_minus_b1 * gc / bc.astype(cdt)
     else:
         m_hat = m_new / bc.astype(cdt)

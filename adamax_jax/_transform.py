@@ -15,8 +15,11 @@ from adamax_jax._core import (
     ComplexMode,
     EpsMode,
     adamax_leaf,
+    bias_corrections,
+    compute_dtype,
     nu_is_scaled,
     nu_storage_dtype,
+    real_dtype,
 )
 from adamax_jax._precision import advance_nu_scale, compensate_rounding
 from adamax_jax._sharding import zeros_like
@@ -162,10 +165,15 @@ def scale_by_adamax(
         if nu_scale is not None:
             nu_scale, gain, shift = advance_nu_scale(nu_scale, b2)
 
+        corrections = {}
+
         def leaf(g, m, v):
             if g is None:
                 return None, None, None
             scaled = gain is not None and nu_is_scaled(v.dtype)
+            rdt = real_dtype(compute_dtype(g.dtype))
+            if rdt not in corrections:
+                corrections[rdt] = bias_corrections(b1, count, rdt, nesterov)
             return adamax_leaf(
                 g,
                 m,
@@ -180,6 +188,7 @@ def scale_by_adamax(
                 nu_gain=gain if scaled else None,
                 nu_decay=shift if scaled else None,
                 guard_zero=guard,
+                corrections=corrections[rdt],
             )
 
         directions, mu, nu = map_unzip(leaf, 3, updates, state.mu, state.nu)
