@@ -174,6 +174,19 @@ def adamax_leaf(
         v_new = _split_apply(jnp.maximum, mag, decay.astype(mag.dtype) * vc)
     else:
         v_new = jnp.maximum(mag, decay * vc)
+    m_stored = store_moment(m_new, m)
+    v_stored = v_new.astype(v.dtype)
+    if m.dtype.itemsize < 4 or v.dtype.itemsize < 4:
+        # A step from the unrounded moments makes XLA recompute them from the
+        # old ones after the new ones have been stored over them, so that a
+        # donated step first copies both old moments: two extra full-size
+        # buffers and passes. The step is taken from the stored moments
+        # instead, and |g| (+ ε) is applied again so that the rounding of ν
+        # can never take the denominator below it.
+        m_stored, v_stored = lax.optimization_barrier((m_stored, v_stored))
+        m_new = m_stored.astype(cdt)
+        v_back = v_stored.astype(mag.dtype)
+        v_new = _split_apply(jnp.maximum, mag, v_back) if split else jnp.maximum(mag, v_back)
     u = v_new if nu_gain is None else v_new / jnp.asarray(nu_gain, rdt).astype(mag.dtype)
 
     if corrections is None:
@@ -194,4 +207,4 @@ def adamax_leaf(
         direction = _split_apply(divide, m_hat, u)
     else:
         direction = divide(m_hat, u.astype(cdt))
-    return direction.astype(g.dtype), store_moment(m_new, m), v_new.astype(v.dtype)
+    return direction.astype(g.dtype), m_stored, v_stored

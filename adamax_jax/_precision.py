@@ -53,8 +53,11 @@ def store_moment(value: jax.Array, previous: jax.Array) -> jax.Array:
     every step taken from it is that much off. Such a store moves by one unit
     in the last place instead, towards the new value: a moment approaching a
     steady gradient reaches it and then alternates between the two values
-    around it. Every other store rounds to nearest, as do all stores of 32
-    bits or more.
+    around it. Away from zero, only a normal previous value is moved so: one
+    unit in the last place of zero or of a subnormal can be many times the
+    moment itself, and a step taken from it would be as far off; towards zero
+    the move is always made, so that a decaying moment reaches 0. Every other
+    store rounds to nearest, as do all stores of 32 bits or more.
 
     Args:
         value: The new moment, in the compute dtype.
@@ -68,7 +71,8 @@ def store_moment(value: jax.Array, previous: jax.Array) -> jax.Array:
     if not _below_32_bits(dtype):
         return rounded
     before = previous.astype(value.dtype)
-    stalled = (rounded == previous) & (value != before)
+    safe = (jnp.abs(previous) >= jnp.finfo(dtype).tiny) | (jnp.abs(value) < jnp.abs(before))
+    stalled = (rounded == previous) & (value != before) & safe
     toward = jnp.where(value > before, jnp.inf, -jnp.inf).astype(dtype)
     return jnp.where(stalled, jnp.nextafter(previous, toward), rounded)
 

@@ -161,11 +161,6 @@ def test_float32_steps_allocate_no_full_size_buffer(quick, name):
         assert r["no_full_size_temp"] is True, (tree["key"], r["temp_bytes"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bfloat16-state step takes its direction from the unrounded moments, which XLA "
-    "recomputes from the old ones after the new ones are stored: it copies both old moments",
-)
 def test_bfloat16_state_step_allocates_no_full_size_buffer(quick):
     _, _, report = quick
     for tree in report["trees"]:
