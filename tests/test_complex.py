@@ -14,6 +14,7 @@ import torch
 
 import adamax_jax as ax
 from tests.reference import adamax_numpy_complex, params_away_from_zero, random_gradients
+from tests.trajectory import scan_trajectory
 
 STEPS = 300
 SHAPE = (6, 5)
@@ -36,19 +37,7 @@ def _parts(x):
 
 
 def _path(opt, params, grads, promotion="strict"):
-    @jax.jit
-    def run(params, grads):
-        with jax.numpy_dtype_promotion(promotion):
-
-            def body(carry, g):
-                p, s = carry
-                u, s = opt.update(g, s, p)
-                p = optax.apply_updates(p, u)
-                return (p, s), p
-
-            return jax.lax.scan(body, (params, opt.init(params)), grads)
-
-    (_, state), path = run(jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads))
+    state, path = scan_trajectory(opt, params, grads, promotion)
     (inner,) = [s for s in state if isinstance(s, ax.ScaleByAdamaxState)]
     return path, inner
 

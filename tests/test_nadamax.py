@@ -9,6 +9,7 @@ import pytest
 
 import adamax_jax as ax
 from tests.reference import adamax_numpy, params_away_from_zero, random_gradients
+from tests.trajectory import scan_trajectory
 
 STEPS = 300
 
@@ -17,20 +18,6 @@ HYPERS = {
     "fast": dict(lr=0.05, b1=0.5, b2=0.9, eps=1e-3),
     "edge": dict(lr=0.01, b1=0.0, b2=1.0, eps=0.0),
 }
-
-
-def _path(opt, params, grads):
-    @jax.jit
-    def run(params, grads):
-        def body(carry, g):
-            p, s = carry
-            u, s = opt.update(g, s, p)
-            p = optax.apply_updates(p, u)
-            return (p, s), p
-
-        return jax.lax.scan(body, (params, opt.init(params)), grads)
-
-    return run(params, grads)
 
 
 @pytest.mark.parametrize("hyper", list(HYPERS))
@@ -43,7 +30,7 @@ def test_trajectory_matches_float64_reference(eps_mode, hyper):
     ref = adamax_numpy(theta0, grads, eps_mode=eps_mode, nesterov=True, **h)
     with jax.enable_x64(True):
         opt = ax.nadamax(h["lr"], h["b1"], h["b2"], h["eps"], eps_mode=eps_mode)
-        (_, state), path = _path(opt, jnp.asarray(theta0), jnp.asarray(grads))
+        state, path = scan_trajectory(opt, jnp.asarray(theta0), jnp.asarray(grads))
         chex.assert_trees_all_close(
             np.asarray(path), np.stack([r[0] for r in ref]), rtol=1e-10, atol=1e-12
         )
@@ -58,7 +45,7 @@ def test_float32_trajectory_within_1e_5_of_float64_reference():
     theta0 = params_away_from_zero(rng, (64,))
     grads = random_gradients(rng, STEPS, (64,))
     ref = adamax_numpy(theta0, grads, nesterov=True)
-    (_, _), path = _path(
+    _, path = scan_trajectory(
         ax.nadamax(), jnp.asarray(theta0, jnp.float32), jnp.asarray(grads, jnp.float32)
     )
     chex.assert_trees_all_close(
@@ -97,8 +84,8 @@ def test_without_momentum_is_adamax(eps_mode):
     rng = np.random.default_rng(2)
     params = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
     grads = jnp.asarray(random_gradients(rng, 50, (16,)), jnp.float32)
-    _, nada = _path(ax.nadamax(0.01, b1=0.0, eps_mode=eps_mode), params, grads)
-    _, ada = _path(ax.adamax(0.01, b1=0.0, eps_mode=eps_mode), params, grads)
+    _, nada = scan_trajectory(ax.nadamax(0.01, b1=0.0, eps_mode=eps_mode), params, grads)
+    _, ada = scan_trajectory(ax.adamax(0.01, b1=0.0, eps_mode=eps_mode), params, grads)
     chex.assert_trees_all_equal(nada, ada)
 
 
@@ -110,7 +97,7 @@ def test_scale_by_adamax_nesterov_is_nadamax():
     }
     chained = optax.chain(ax.scale_by_adamax(nesterov=True), optax.scale(-0.002))
     chex.assert_trees_all_equal(
-        _path(chained, params, grads)[1], _path(ax.nadamax(), params, grads)[1]
+        scan_trajectory(chained, params, grads)[1], scan_trajectory(ax.nadamax(), params, grads)[1]
     )
 
 
@@ -123,7 +110,7 @@ def test_low_precision_params_keep_their_dtype_and_follow_reference(dtype):
     grads = np.asarray(jnp.asarray(random_gradients(rng, 100, (32,)), dtype), np.float64)
     ref = adamax_numpy(theta0, grads, lr=0.01, nesterov=True)
     opt = ax.nadamax(0.01, compensated=True)
-    (_, state), path = _path(opt, jnp.asarray(theta0, dtype), jnp.asarray(grads, dtype))
+    state, path = scan_trajectory(opt, jnp.asarray(theta0, dtype), jnp.asarray(grads, dtype))
     assert path.dtype == dtype
     chex.assert_trees_all_equal_dtypes(state, opt.init(jnp.asarray(theta0, dtype)))
     # Within one unit of relative rounding of the parameters' dtype: compensation keeps

@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 
 import adamax_jax as ax  # noqa: E402
 from tests.reference import params_away_from_zero, random_gradients  # noqa: E402
+from tests.trajectory import scan_trajectory
 
 STEPS = 300
 # The bound on the largest relative deviation of any parameter at any step.
@@ -64,17 +65,7 @@ def _keras_path(params, grads, exclude_from_weight_decay=None, dtype="float32", 
 
 
 def _jax_path(opt, params, grads):
-    @jax.jit
-    def run(params, grads):
-        def body(carry, g):
-            p, s = carry
-            u, s = opt.update(g, s, p)
-            p = optax.apply_updates(p, u)
-            return (p, s), p
-
-        return jax.lax.scan(body, (params, opt.init(params)), grads)[1]
-
-    return jax.tree.map(np.asarray, run(jax.tree.map(jnp.asarray, params), grads))
+    return jax.tree.map(np.asarray, scan_trajectory(opt, params, grads)[1])
 
 
 def _keras_kwargs(hyper):

@@ -14,6 +14,7 @@ import torch
 
 import adamax_jax as ax
 from tests.reference import params_away_from_zero, random_gradients
+from tests.trajectory import scan_trajectory
 
 STEPS = 300
 # The bound on the largest relative deviation of any parameter at any step.
@@ -51,17 +52,7 @@ def _torch_path(params, grads, **kwargs):
 
 
 def _jax_path(opt, params, grads):
-    @jax.jit
-    def run(params, grads):
-        def body(carry, g):
-            p, s = carry
-            u, s = opt.update(g, s, p)
-            p = optax.apply_updates(p, u)
-            return (p, s), p
-
-        return jax.lax.scan(body, (params, opt.init(params)), grads)[1]
-
-    return jax.tree.map(np.asarray, run(jax.tree.map(jnp.asarray, params), grads))
+    return jax.tree.map(np.asarray, scan_trajectory(opt, params, grads)[1])
 
 
 def _torch_kwargs(hyper):
