@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from adamax_jax._precision import store_moment
+from adamax_jax._precision import below_32_bits, store_moment
 
 EpsMode = Literal["denominator", "inside_max", "none"]
 ComplexMode = Literal["modulus", "split"]
@@ -55,7 +55,7 @@ def nu_is_scaled(nu_dtype: jax.typing.DTypeLike) -> bool:
     Below 32 bits a per-step decay of ``β₂ u`` is smaller than half a unit in
     the last place for the usual β₂ and would be rounded away on every store.
     """
-    return jnp.dtype(nu_dtype).itemsize < 4 and not jnp.issubdtype(nu_dtype, jnp.complexfloating)
+    return below_32_bits(nu_dtype)
 
 
 def _split_apply(fn, *xs):
@@ -176,7 +176,7 @@ def adamax_leaf(
         v_new = jnp.maximum(mag, decay * vc)
     m_stored = store_moment(m_new, m)
     v_stored = v_new.astype(v.dtype)
-    if m.dtype.itemsize < 4 or v.dtype.itemsize < 4:
+    if below_32_bits(m.dtype) or below_32_bits(v.dtype):
         # A step from the unrounded moments makes XLA recompute them from the
         # old ones after the new ones have been stored over them, so that a
         # donated step first copies both old moments: two extra full-size

@@ -11,7 +11,8 @@ from adamax_jax._sharding import zeros_like
 from adamax_jax._tree import map_unzip
 
 
-def _below_32_bits(dtype: jax.typing.DTypeLike) -> bool:
+def below_32_bits(dtype: jax.typing.DTypeLike) -> bool:
+    """Whether `dtype` is a real floating dtype narrower than float32 (bfloat16, float16)."""
     return jnp.dtype(dtype).itemsize < 4 and jnp.issubdtype(dtype, jnp.floating)
 
 
@@ -68,7 +69,7 @@ def store_moment(value: jax.Array, previous: jax.Array) -> jax.Array:
     """
     dtype = previous.dtype
     rounded = value.astype(dtype)
-    if not _below_32_bits(dtype):
+    if not below_32_bits(dtype):
         return rounded
     before = previous.astype(value.dtype)
     safe = (jnp.abs(previous) >= jnp.finfo(dtype).tiny) | (jnp.abs(value) < jnp.abs(before))
@@ -107,7 +108,7 @@ def compensate_rounding(
 
     def init_fn(params: optax.Params) -> CompensateRoundingState:
         def init_leaf(p):
-            if p is None or not _below_32_bits(p.dtype):
+            if p is None or not below_32_bits(p.dtype):
                 return None
             return zeros_like(p, dtype or p.dtype)
 
