@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamax_jax._tree import is_leaf
+
 
 def _check_number(name: str, value: Any) -> None:
     """Raises ValueError for a value that can never be a real hyperparameter."""
@@ -105,7 +107,8 @@ def check_dtype(name: str, value: Any) -> None:
 
 
 def _is_none(x: Any) -> bool:
-    return x is None
+    # None, and a stored moment with its scale, are leaves of a parameter-shaped tree.
+    return is_leaf(x)
 
 
 def _paths(tree: Any) -> dict[str, Any]:
