@@ -509,3 +509,99 @@ def test_infinity_norm_is_u_for_any_storage(param_dtype, nu_dtype, rtol):
     expected = _u_numpy(np.asarray(grads, np.float64))
     np.testing.assert_allclose(np.asarray(u["a"], np.float64), expected, rtol=rtol)
     np.testing.assert_allclose(np.asarray(u["b"]), 1.0, rtol=rtol)
+
+
+# --- compensate_rounding at its edges: sign changes and power-of-two crossings ---------------
+
+
+def _low_precision_values(dtype, low, high):
+    """Every finite value of `dtype` with `low` <= |x| <= `high`, both signs, as that dtype."""
+    np_dtype = ml_dtypes.bfloat16 if dtype == BF16 else np.float16
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np_dtype)
+    with np.errstate(invalid="ignore"):
+        magnitude = np.abs(bits.astype(np.float64))
+    return bits[np.isfinite(magnitude) & (magnitude >= low) & (magnitude <= high)]
+
+
+def _check_compensation_keeps_what_was_not_applied(p, u, dtype, update=None):
+    """One step of compensate_rounding from an empty buffer, against float64 arithmetic.
+
+    Whatever ``optax.apply_updates`` actually lands on, the buffer must hold the rest
+    of ``p + u``: ``landed + buffer == p + u`` up to the rounding of the buffer to its
+    own dtype (half a unit in its last place) and of the float32 sum.
+    """
+    tx = ax.compensate_rounding()
+    p, u = jnp.asarray(p), jnp.asarray(u)
+    if update is None:
+        delta, state = tx.update(u, tx.init(p), p)
+        landed = optax.apply_updates(p, delta)
+    else:
+        landed, state = update(tx, p, u)
+    landed = np.asarray(landed, np.float64)
+    buffer = np.asarray(state.compensation, np.float64)
+    exact = np.asarray(p, np.float64) + np.asarray(u, np.float64)
+    wanted = exact - landed
+    f32_ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    tolerance = np.asarray(_ulp(wanted, dtype), np.float64) / 2 + f32_ulp
+    error = np.abs(buffer - wanted)
+    bad = np.flatnonzero(error > tolerance)
+    assert bad.size == 0, (
+        f"{bad.size} of {error.size} buffers do not hold exact - landed; first: "
+        f"p={float(np.asarray(p, np.float64)[bad[0]])!r}, "
+        f"u={float(np.asarray(u, np.float64)[bad[0]])!r}: buffer {buffer[bad[0]]!r}, "
+        f"exact - landed {wanted[bad[0]]!r} (landed {landed[bad[0]]!r})"
+    )
+    return landed, exact
+
+
+def test_compensation_at_a_power_of_two_crossing():
+    # p + u = 0.12548828125 lies halfway between two bfloat16 values at a power of two:
+    # rounded to nearest it is 0.125, but p + delta lands on 0.12451171875 below it.
+    # The buffer must keep exact - landed (2**-10), not exact - rounded (2**-11).
+    p = jnp.asarray([-0.09619140625], BF16)
+    u = jnp.asarray([0.2216796875], BF16)
+    landed, exact = _check_compensation_keeps_what_was_not_applied(p, u, BF16)
+    assert landed[0] == 0.12451171875 and exact[0] == 0.12548828125
+    tx = ax.compensate_rounding()
+    _, state = tx.update(u, tx.init(p), p)
+    assert float(state.compensation[0]) == 2.0**-10
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_compensation_exhaustively_over_a_range_of_pairs(dtype):
+    # Every (p, u) with p and u of `dtype` in ranges that cross several powers of two
+    # and both signs; the edge cases are rare (a few in 10**5 random pairs) but all here.
+    if dtype == BF16:
+        p = _low_precision_values(dtype, 2.0**-4, 2.0)
+        u = _low_precision_values(dtype, 2.0**-6, 1.0)[::3]
+    else:
+        # Odd strides, so that sums still need the last bit of either operand.
+        p = _low_precision_values(dtype, 2.0**-3, 1.0)[::5]
+        u = _low_precision_values(dtype, 2.0**-4, 0.5)[::9]
+    pp, uu = (a.ravel() for a in np.meshgrid(p, u, indexing="ij"))
+    landed, exact = _check_compensation_keeps_what_was_not_applied(pp, uu, dtype)
+    np_dtype = ml_dtypes.bfloat16 if dtype == BF16 else np.float16
+    # The sweep reaches the cases where landing differs from rounding to nearest.
+    assert np.sum(landed != exact.astype(np_dtype).astype(np.float64)) > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Under jit XLA keeps `p + delta` in float32 (excess precision) where the buffer "
+    "computes what apply_updates lands on, so at ties the buffer is off by half a unit; "
+    "lax.reduce_precision on that sum would keep the rounding.",
+)
+def test_compensation_keeps_what_was_not_applied_under_jit():
+    p = _low_precision_values(BF16, 2.0**-4, 2.0)[::7]
+    u = _low_precision_values(BF16, 2.0**-6, 1.0)[::5]
+    pp, uu = (a.ravel() for a in np.meshgrid(p, u, indexing="ij"))
+
+    @jax.jit
+    def update(p, u):
+        tx = ax.compensate_rounding()
+        delta, state = tx.update(u, tx.init(p), p)
+        return optax.apply_updates(p, delta), state
+
+    _check_compensation_keeps_what_was_not_applied(
+        pp, uu, BF16, update=lambda tx, p, u: update(p, u)
+    )
