@@ -12,6 +12,8 @@ import pytest
 
 import adamax_jax as ax
 from adamax_jax._precision import store_moment
+from tests.reference import adamax_numpy, params_away_from_zero
+from tests.trajectory import scan_trajectory
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 B2 = 0.999
@@ -604,4 +606,73 @@ def test_compensation_keeps_what_was_not_applied_under_jit():
 
     _check_compensation_keeps_what_was_not_applied(
         pp, uu, BF16, update=lambda tx, p, u: update(p, u)
+    )
+
+
+# --- Scaled ν over the range of β₂, for every storage dtype ------------------------------------
+
+# 0, small, the usual ones, and 1 (ν never decays).
+B2_RANGE = [0.0, 1e-3, 0.5, 0.999, 1.0]
+NU_DTYPES = [F32, BF16, F16]
+
+
+def _nu_rtol(dtype):
+    # Half a unit in the last place of the stored ν, relative; float32 arithmetic otherwise.
+    return {F32: 1e-5, BF16: 2.0**-8, F16: 2.0**-10}[dtype]
+
+
+@pytest.mark.parametrize("nu_dtype", NU_DTYPES)
+@pytest.mark.parametrize("b2", B2_RANGE)
+def test_u_after_a_large_then_a_small_gradient(b2, nu_dtype):
+    # u_2 = max(β₂ · 1, 0.01): with β₂ = 0 the large gradient is forgotten at once.
+    opt = ax.adamax(b2=b2, nu_dtype=nu_dtype)
+    params = jnp.zeros(3, F32)
+    state = opt.init(params)
+    # β₂ · 0.01 after the zero gradient is subnormal in float16 for a small β₂: there the
+    # spacing of the stored ν, times the scale (< 2), is the bound.
+    atol = 2 * float(jnp.finfo(nu_dtype).smallest_subnormal) if nu_dtype != F32 else 0.0
+    expected = 0.0
+    for g in (1.0, 0.01, 0.0):
+        _, state = opt.update(jnp.full(3, g, F32), state, params)
+        expected = max(b2 * expected, g)
+        u = np.asarray(ax.infinity_norm(state[0]), np.float64)
+        np.testing.assert_allclose(
+            u,
+            expected,
+            rtol=_nu_rtol(nu_dtype),
+            atol=atol,
+            err_msg=f"u after gradients up to {g} of 1, 0.01, 0; β₂ = {b2}, "
+            f"ν in {jnp.dtype(nu_dtype).name}",
+        )
+
+
+@pytest.mark.parametrize("nu_dtype", NU_DTYPES)
+@pytest.mark.parametrize("b2", B2_RANGE)
+def test_u_and_parameters_follow_the_float64_reference_for_any_b2(b2, nu_dtype):
+    # Gradients of random sign, magnitudes over two decades; the float64 reference of
+    # tests/reference.py fed the same gradients. (A zero gradient with a small β₂ makes the
+    # step m/ε: the u after zeros is checked above.)
+    steps, size = 60, 16
+    rng = np.random.default_rng(17)
+    grads = 10.0 ** rng.uniform(-1, 1, (steps, size)) * rng.choice([-1.0, 1.0], (steps, size))
+    grads = grads.astype(np.float32)
+    params = params_away_from_zero(rng, size).astype(np.float32)
+    opt = ax.adamax(b2=b2, nu_dtype=nu_dtype)
+    state, path = scan_trajectory(opt, jnp.asarray(params), jnp.asarray(grads))
+    reference = adamax_numpy(params, grads.astype(np.float64), b2=b2)
+    u = np.asarray(ax.infinity_norm(state[0]), np.float64)
+    np.testing.assert_allclose(
+        u, reference[-1][2], rtol=_nu_rtol(nu_dtype), err_msg="u after 60 steps"
+    )
+    # A denominator off by a relative r moves a step by r times the step: the bound is
+    # that, summed over the steps so far, and a float32 rounding of θ per step.
+    theta = np.asarray(path, np.float64)
+    expected = np.stack([h[0] for h in reference])
+    steps_so_far = np.cumsum(np.abs(np.diff(expected, axis=0, prepend=params[None])), axis=0)
+    roundings = np.arange(1, steps + 1)[:, None] * 2.0**-23 * np.abs(expected)
+    bound = 2 * _nu_rtol(nu_dtype) * steps_so_far + roundings
+    error = np.abs(theta - expected)
+    assert np.all(error <= bound), (
+        f"θ off the float64 reference by {error.max():.3g} "
+        f"(bound there {bound.ravel()[error.argmax()]:.3g})"
     )
