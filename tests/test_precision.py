@@ -676,3 +676,46 @@ def test_u_and_parameters_follow_the_float64_reference_for_any_b2(b2, nu_dtype):
         f"θ off the float64 reference by {error.max():.3g} "
         f"(bound there {bound.ravel()[error.argmax()]:.3g})"
     )
+
+
+# --- A 16-bit ν never takes the denominator below |g| ------------------------------------------
+
+
+@pytest.mark.parametrize("eps_mode", ["denominator", "inside_max", "none"])
+@pytest.mark.parametrize("b2", [0.0, 0.5, 0.999, 1.0])
+@pytest.mark.parametrize("nu_dtype", [BF16, F16])
+def test_16_bit_nu_keeps_every_step_within_the_learning_rate(nu_dtype, b2, eps_mode):
+    # With β₁ = 0 the step is lr · g / u (ε aside), and u >= |g| is the same as
+    # |step| <= lr. The scaled representation takes |g| to ν's scale and back in float32,
+    # ``(|g| · gain) / gain``, which may land a unit in the last place of float32 below |g|:
+    # the bound allows 2**-20 relative for that. The gradients are float32 values that a
+    # 16-bit ν cannot hold, so its rounding to nearest falls below |g| by up to 2**-9
+    # (bfloat16) or 2**-11 (float16) for about half of them: u must still be |g| or more.
+    lr = 0.002
+    steps, size = 40, 256
+    rng = np.random.default_rng(23)
+    grads = 10.0 ** rng.uniform(-2, 1, (steps, size)) * rng.choice([-1.0, 1.0], (steps, size))
+    grads = jnp.asarray(grads.astype(np.float32))
+    opt = ax.adamax(lr, b1=0.0, b2=b2, eps_mode=eps_mode, mu_dtype=F32, nu_dtype=nu_dtype)
+    params = jnp.zeros(size, F32)
+
+    @jax.jit
+    def run(grads):
+        def body(state, g):
+            updates, state = opt.update(g, state, params)
+            return state, updates
+
+        return jax.lax.scan(body, opt.init(params), grads)
+
+    state, updates = run(grads)
+    steps_taken = np.abs(np.asarray(updates))
+    bound = np.float64(np.float32(lr)) * (1 + 2.0**-20)
+    over = np.argwhere(steps_taken > bound)
+    assert over.size == 0, (
+        f"{len(over)} steps exceed the learning rate, so u < |g| there; first at step "
+        f"{over[0][0] + 1}: |Δθ| = {steps_taken[tuple(over[0])]!r}, |g| = "
+        f"{abs(float(grads[tuple(over[0])]))!r}"
+    )
+    # Where ν decays at most by half per step, u is |g| for many entries: the bound is reached.
+    if b2 >= 0.5:
+        assert np.mean(steps_taken > 0.999 * lr) > 0.01
