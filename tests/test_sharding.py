@@ -407,6 +407,33 @@ def test_zero1_steps_equal_single_device_steps(sharded, mode, layout, name):
 # 2 processes of 4 host devices, over 127.0.0.1.
 
 
+# What the coordinator prints when another process took its port between
+# `_free_port` and its own bind.
+PORT_TAKEN = ("Failed to add port to server", "Address already in use")
+PORT_ATTEMPTS = 3
+
+
+def run_processes(out, die_after_init=()):
+    """Runs the 2-process job on a free port; on a failure to bind it, on another one.
+
+    `_free_port` binds a port, releases it, and the coordinator binds it later: a test
+    running in parallel can take it in between. That failure, and only that one, is
+    retried, up to PORT_ATTEMPTS times.
+    """
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            run_workers(
+                _process_commands(out, die_after_init),
+                _env(_multiprocess_worker.LOCAL_DEVICES),
+                MULTIPROCESS_TIMEOUT_S,
+                out,
+            )
+            return
+        except WorkerFailure as failure:
+            if attempt + 1 == PORT_ATTEMPTS or not any(t in str(failure) for t in PORT_TAKEN):
+                raise
+
+
 def _process_commands(out, die_after_init=()):
     port = _free_port()
     commands = []
@@ -420,12 +447,7 @@ def _process_commands(out, die_after_init=()):
 
 
 def test_two_processes_train_like_one(tmp_path):
-    run_workers(
-        _process_commands(tmp_path),
-        _env(_multiprocess_worker.LOCAL_DEVICES),
-        MULTIPROCESS_TIMEOUT_S,
-        tmp_path,
-    )
+    run_processes(tmp_path)
     reference = _multiprocess_worker.train_single()
     initial, _, _ = _multiprocess_worker.problem()
     finals = []
@@ -448,13 +470,31 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 def test_a_dead_process_fails_the_run_with_its_message(tmp_path):
-    commands = _process_commands(tmp_path, die_after_init={1})
     with pytest.raises(WorkerFailure, match=r"(?s)worker 1 .* exited with 3.*stops on purpose"):
-        run_workers(
-            commands,
-            _env(_multiprocess_worker.LOCAL_DEVICES),
-            MULTIPROCESS_TIMEOUT_S,
-            tmp_path,
-        )
+        run_processes(tmp_path, die_after_init={1})
     # Its peer cannot have finished without it; it was stopped, not waited for.
     assert not (tmp_path / "process_0.npz").exists()
+
+
+def test_a_port_taken_before_the_coordinator_binds_it_is_retried(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run_workers(commands, env, timeout, log_dir):
+        calls.append(commands[0][commands[0].index("--port") + 1])
+        if len(calls) == 1:
+            raise WorkerFailure("worker 0 exited with -11; Failed to add port to server: ...")
+
+    monkeypatch.setattr(sys.modules[__name__], "run_workers", fake_run_workers)
+    run_processes(tmp_path)
+    assert len(calls) == 2
+
+    def other_failure(commands, env, timeout, log_dir):
+        calls.append(None)
+        raise WorkerFailure("worker 1 exited with 3")
+
+    calls.clear()
+    monkeypatch.setattr(sys.modules[__name__], "run_workers", other_failure)
+    with pytest.raises(WorkerFailure, match="exited with 3"):
+        run_processes(tmp_path)
+    # Any other failure is not retried.
+    assert calls == [None]
