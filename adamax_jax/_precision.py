@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from adamax_jax import _validation
-from adamax_jax._sharding import zeros_like
+from adamax_jax._sharding import reshard_like, zeros_like
 from adamax_jax._tree import map_unzip
 
 
@@ -124,13 +124,15 @@ def compensate_rounding(
         def leaf(c, u, p):
             if c is None:
                 return u, None
+            # On Explicit axes the buffer's layout rules (ZeRO-1 splits it further).
+            layout, u, p = u, reshard_like(u, c), reshard_like(p, c)
             exact = p.astype(jnp.float32) + (u.astype(jnp.float32) + c.astype(jnp.float32))
             rounded = exact.astype(p.dtype)
             delta = (rounded.astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
             # What optax.apply_updates computes; the buffer keeps whatever it
             # misses, so the sum stays right even where delta itself rounds.
             landed = jnp.asarray(p + delta).astype(p.dtype)
-            return delta, (exact - landed.astype(jnp.float32)).astype(c.dtype)
+            return reshard_like(delta, layout), (exact - landed.astype(jnp.float32)).astype(c.dtype)
 
         new_updates, compensation = map_unzip(leaf, 2, state.compensation, updates, params)
         return new_updates, CompensateRoundingState(compensation)

@@ -42,6 +42,46 @@ def _spec_axes(entry: Any) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def _normalized_spec(spec: Any, ndim: int) -> tuple[tuple[str, ...], ...]:
+    entries = [_spec_axes(e) for e in spec]
+    return tuple(entries + [()] * (ndim - len(entries)))
+
+
+def reshard_like(x: Any, like: Any) -> Any:
+    """`x` resharded to the layout of `like`, where that layout is on ``Explicit`` axes.
+
+    On ``Explicit`` mesh axes a sharding is part of an array's type, and an
+    operation on two arrays split differently over the same dimension (a
+    gradient split over "model", its ZeRO-1 state over ``("model", "data")``)
+    is a type error. This moves `x` to the sharding of `like` with
+    ``jax.sharding.reshard``, which costs what moving the data costs: a slice
+    where `like` is split further, an all-gather where it is split less. On
+    ``Auto`` axes, and where the two layouts agree already, `x` is returned as
+    it is, and the compiler places the data.
+
+    Args:
+        x: An array, or ``None``.
+        like: An array of the same shape whose layout `x` takes, or ``None``.
+
+    Returns:
+        `x`, resharded where the types require it.
+    """
+    if x is None or like is None:
+        return x
+    target = jax.typeof(like).sharding
+    if not isinstance(target, NamedSharding) or not target.mesh.explicit_axes:
+        return x
+    ndim = len(jnp.shape(like))
+    source = jax.typeof(x).sharding
+    if (
+        isinstance(source, NamedSharding)
+        and source.mesh.explicit_axes
+        and _normalized_spec(source.spec, ndim) == _normalized_spec(target.spec, ndim)
+    ):
+        return x
+    return jax.sharding.reshard(x, target)
+
+
 def _abstract_param(path: Any, leaf: Any, mesh: Mesh) -> jax.ShapeDtypeStruct:
     sharding = getattr(leaf, "sharding", None)
     if isinstance(sharding, NamedSharding):

@@ -22,7 +22,7 @@ from adamax_jax._core import (
     real_dtype,
 )
 from adamax_jax._precision import advance_nu_scale, compensate_rounding
-from adamax_jax._sharding import zeros_like
+from adamax_jax._sharding import reshard_like, zeros_like
 from adamax_jax._tree import map_unzip
 
 
@@ -174,8 +174,9 @@ def scale_by_adamax(
             rdt = real_dtype(compute_dtype(g.dtype))
             if rdt not in corrections:
                 corrections[rdt] = bias_corrections(b1, count, rdt, nesterov)
-            return adamax_leaf(
-                g,
+            # On Explicit axes the state's layout rules (ZeRO-1 splits it further).
+            direction, m, v = adamax_leaf(
+                reshard_like(g, m),
                 m,
                 v,
                 count,
@@ -190,6 +191,7 @@ def scale_by_adamax(
                 guard_zero=guard,
                 corrections=corrections[rdt],
             )
+            return reshard_like(direction, g), m, v
 
         directions, mu, nu = map_unzip(leaf, 3, updates, state.mu, state.nu)
         return directions, ScaleByAdamaxState(count=count, mu=mu, nu=nu, nu_scale=nu_scale)
