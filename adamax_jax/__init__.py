@@ -1,5 +1,7 @@
 """AdaMax for JAX, as optax gradient transformations over pytrees."""
 
+from adamax_jax._checkpoint import abstract_state as abstract_state
+from adamax_jax._checkpoint import check_state as check_state
 from adamax_jax._precision import CompensateRoundingState as CompensateRoundingState
 from adamax_jax._precision import compensate_rounding as compensate_rounding
 from adamax_jax._sharding import zero1_state_shardings as zero1_state_shardings
@@ -16,9 +18,11 @@ __version__ = "0.1.0"
 __all__ = [
     "CompensateRoundingState",
     "ScaleByAdamaxState",
+    "abstract_state",
     "adamax",
     "adamax_step",
     "adamaxw",
+    "check_state",
     "compensate_rounding",
     "infinity_norm",
     "nadamax",
