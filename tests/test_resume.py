@@ -9,6 +9,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 import chex
 import jax
@@ -399,7 +400,7 @@ def test_fsdp_state_follows_the_parameters_with_no_collectives(resumed, name, mo
 
 def test_the_multiprocess_example_runs(tmp_path):
     command = [sys.executable, "-m", "adamax_jax.examples.multiprocess", "--processes", "2"]
-    command += ["--steps", "2", "--dir", str(tmp_path / "run")]
+    command += ["--devices", "2", "--steps", "2", "--dir", str(tmp_path / "run")]
     run_workers([command], _env(1), TIMEOUT_S, tmp_path)
     out = (tmp_path / "worker_0.out").read_text()
     assert re.search(r"trained 2 steps in 2 processes", out), out
@@ -407,3 +408,22 @@ def test_the_multiprocess_example_runs(tmp_path):
     match = re.search(r"largest difference from the uninterrupted run: ([0-9.e+-]+)", out)
     assert match and float(match.group(1)) <= TOLERANCE, out
     assert (tmp_path / "run" / "checkpoint").is_dir()
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "resuming.md"
+
+
+def test_the_docs_example_runs(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    # The self-contained example; the other blocks are fragments of the recipe.
+    runnable = [b for b in blocks if b.startswith("import os")]
+    assert len(runnable) == 1
+    (tmp_path / "example.py").write_text(runnable[0])
+    env = _env(8)
+    env.pop("XLA_FLAGS")  # the example sets it
+    command = [sys.executable, "-W", "error", str(tmp_path / "example.py")]
+    run_workers([command], env, TIMEOUT_S, tmp_path)
+    out = (tmp_path / "worker_0.out").read_text()
+    assert "FSDP state: P('data', 'model') P(('data', 'model'),)" in out, out
+    assert "collectives in the update: False" in out, out
+    assert "resumed on {'data': 4, 'model': 2} at step 6" in out, out
