@@ -386,6 +386,18 @@ def explicit_checks(finals, dtypes):
                         },
                     }
                     store((p, s), f"explicit/{name}/{mode}/{kind}", finals, dtypes)
+            if mode == "explicit":
+                # The same step with no mesh context: the shardings carry the mesh.
+                state = jax.jit(opt.init, out_shardings=state_sh)(params)
+                jitted = jax.jit(
+                    _update_step(opt),
+                    in_shardings=(param_sh, state_sh, param_sh),
+                    out_shardings=(param_sh, state_sh),
+                )
+                p, s = params, state
+                for _ in range(3):
+                    p, s = jitted(grads, s, p)
+                store((p, s), f"explicit/{name}/{mode}/no_mesh_context", finals, dtypes)
             results[f"{name}/{mode}"] = record
     return results
 

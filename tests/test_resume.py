@@ -358,6 +358,7 @@ def test_explicit_zero1_default_step_matches_auto_and_by_hand(resumed, name):
     _, facts, arrays, _ = resumed
     dtypes = facts["restore8"]["dtypes"]
     prefix = f"explicit/{name}"
+    explicit = f"{prefix}/explicit/default"
     # The same program modulo fusion: within the bounds of tests/test_sharding.py.
     _close_to_single(
         arrays["restore8"], dtypes, f"{prefix}/explicit/default", f"{prefix}/auto/default"
@@ -365,6 +366,11 @@ def test_explicit_zero1_default_step_matches_auto_and_by_hand(resumed, name):
     _close_to_single(
         arrays["restore8"], dtypes, f"{prefix}/explicit/by_hand", f"{prefix}/explicit/default"
     )
+    # Without `jax.set_mesh` the shardings carry the mesh: the same program.
+    no_mesh = _prefixed(arrays["restore8"], f"{prefix}/explicit/no_mesh_context")
+    assert set(no_mesh) == set(_prefixed(arrays["restore8"], explicit))
+    for key, value in no_mesh.items():
+        np.testing.assert_array_equal(value, arrays["restore8"][explicit + key], err_msg=key)
     record = facts["restore8"]["explicit"][f"{name}/explicit"]
     assert record["default"]["state_specs"] == record["by_hand"]["state_specs"]
     assert record["default"]["state_specs"]["[0].mu['b']"] == "P(('model', 'data'),)"
