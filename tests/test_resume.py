@@ -18,7 +18,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 import adamax_jax as ax
 from tests import _multiprocess_worker as mp
@@ -162,6 +163,22 @@ def test_abstract_state_rejects_a_tree_with_a_leaf_that_is_no_sharding():
     tree = jax.tree.map(lambda _: "x", ax.abstract_state(opt, params, shardings=None))
     with pytest.raises(TypeError, match=r"`shardings`\[0\]\.count must be a jax.sharding.Sharding"):
         ax.abstract_state(opt, params, shardings=tree)
+
+
+def test_abstract_state_follows_parameters_on_a_mesh_and_rejects_two_meshes():
+    opt = ax.adamax(0.01)
+    data, other = (Mesh(np.array(jax.devices()[:1]), (name,)) for name in ("data", "x"))
+    params = {
+        "w": jax.ShapeDtypeStruct((3, 4), jnp.float32, sharding=NamedSharding(data, P("data"))),
+        "b": jnp.zeros(4),  # no mesh: replicated over that of the others
+    }
+    target = ax.abstract_state(opt, params)
+    assert target[0].mu["w"].sharding.is_equivalent_to(NamedSharding(data, P("data")), 2)
+    assert target[0].nu["b"].sharding.is_fully_replicated
+    assert target[0].nu["b"].sharding.mesh.axis_names == ("data",)
+    params["b"] = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=NamedSharding(other, P()))
+    with pytest.raises(ValueError, match=r"`params`\['w'\] is sharded over a mesh with axes"):
+        ax.abstract_state(opt, params)
 
 
 def _saved_metadata(opt, params, path):
