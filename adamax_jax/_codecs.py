@@ -101,6 +101,11 @@ def init_moment(p: Any, storage_dtype: jax.typing.DTypeLike, role: Role) -> Any:
     return EncodedMoment(codes=codes, scale=jnp.ones([], jnp.float32), codec=SCALED)
 
 
+def stored_values(x: Any) -> jax.Array:
+    """The parameter-shaped array of a stored moment: its codes, or the plain array."""
+    return x.codes if is_encoded(x) else x
+
+
 def storage_dtype(x: Any) -> jnp.dtype:
     """The dtype a moment's values are stored in."""
     return jnp.dtype((x.codes if is_encoded(x) else x).dtype)

@@ -5,9 +5,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from adamax_jax import _validation
-from adamax_jax._sharding import zeros_like
+from adamax_jax._sharding import reshard_like, zeros_like
 from adamax_jax._tree import map_unzip
 
 
@@ -111,13 +112,24 @@ def compensate_rounding(
         def leaf(c, u, p):
             if c is None:
                 return u, None
+            # On Explicit axes the buffer's layout rules (ZeRO-1 splits it further).
+            layout, u, p = u, reshard_like(u, c), reshard_like(p, c)
             exact = p.astype(jnp.float32) + (u.astype(jnp.float32) + c.astype(jnp.float32))
             rounded = exact.astype(p.dtype)
             delta = (rounded.astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
             # What optax.apply_updates computes; the buffer keeps whatever it
             # misses, so the sum stays right even where delta itself rounds.
-            landed = jnp.asarray(p + delta).astype(p.dtype)
-            return delta, (exact - landed.astype(jnp.float32)).astype(c.dtype)
+            # reduce_precision rounds as the separate add will: compiled, a
+            # plain `p + delta` here may be kept in float32 (XLA's excess
+            # precision), and at a tie the buffer would then be off by half a
+            # unit in the last place.
+            info = jnp.finfo(p.dtype)
+            landed = lax.reduce_precision(
+                p.astype(jnp.float32) + delta.astype(jnp.float32),
+                exponent_bits=info.nexp,
+                mantissa_bits=info.nmant,
+            )
+            return reshard_like(delta, layout), (exact - landed).astype(c.dtype)
 
         new_updates, compensation = map_unzip(leaf, 2, state.compensation, updates, params)
         return new_updates, CompensateRoundingState(compensation)

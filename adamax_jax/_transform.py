@@ -21,6 +21,7 @@ from adamax_jax._core import (
     real_dtype,
 )
 from adamax_jax._precision import compensate_rounding
+from adamax_jax._sharding import reshard_like
 from adamax_jax._tree import is_leaf, map_unzip
 
 
@@ -253,8 +254,9 @@ def _scale_by_adamax(
             rdt = real_dtype(compute_dtype(g.dtype))
             if rdt not in corrections:
                 corrections[rdt] = bias_corrections(b1, t, rdt, nesterov)
+            # On Explicit axes the state's layout rules (ZeRO-1 splits it further).
             direction, m_new, v_new = adamax_leaf(
-                g,
+                reshard_like(g, _codecs.stored_values(m)),
                 m,
                 v,
                 t,
@@ -269,7 +271,7 @@ def _scale_by_adamax(
             )
             if not float32_updates:
                 direction = direction.astype(g.dtype)
-            return direction, m_new, v_new
+            return reshard_like(direction, g), m_new, v_new
 
         results = [
             leaf(path, m, g, v, p) for (path, m), g, v, p in zip(paths, grads, nus, ps, strict=True)

@@ -649,12 +649,6 @@ def test_compensation_exhaustively_over_a_range_of_pairs(dtype):
     assert np.sum(landed != exact.astype(np_dtype).astype(np.float64)) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Under jit XLA keeps `p + delta` in float32 (excess precision) where the buffer "
-    "computes what apply_updates lands on, so at ties the buffer is off by half a unit; "
-    "lax.reduce_precision on that sum would keep the rounding.",
-)
 def test_compensation_keeps_what_was_not_applied_under_jit():
     p = _low_precision_values(BF16, 2.0**-4, 2.0)[::7]
     u = _low_precision_values(BF16, 2.0**-6, 1.0)[::5]

@@ -379,24 +379,7 @@ def test_zero1_state_and_params_placed_as_asked(sharded, mode, layout, name):
     assert record["params_keep_shardings"]
 
 
-# XLA keeps the sum of compensate_rounding that stands for what apply_updates lands on
-# in float32 (excess precision) or not depending on how it fuses the program: at a tie
-# the buffer of the partitioned step differs from the single-device one by half a unit
-# of the parameter. With --xla_allow_excess_precision=false the two agree to the bit.
-EXCESS_PRECISION = pytest.mark.xfail(
-    strict=True,
-    reason="compensate_rounding under jit: XLA's excess precision skips the rounding of the "
-    "landed value (see test_compensation_keeps_what_was_not_applied_under_jit)",
-)
-ZERO1_SINGLE_CASES = [
-    pytest.param(*case, marks=EXCESS_PRECISION)
-    if case == ("explicit", "2d", "adamax-compensated-bf16")
-    else case
-    for case in _sharding_worker.ZERO1_CASES
-]
-
-
-@pytest.mark.parametrize("mode, layout, name", ZERO1_SINGLE_CASES)
+@pytest.mark.parametrize("mode, layout, name", _sharding_worker.ZERO1_CASES)
 def test_zero1_steps_equal_single_device_steps(sharded, mode, layout, name):
     results, arrays = sharded
     prefix = f"zero1/{mode}/{layout}/{name}"
