@@ -157,9 +157,7 @@ def test_an_undocumented_public_name_fails_the_build():
             "API\n===\n\n" + "".join(f".. py:function:: adamax_jax.{n}\n\n" for n in documented)
         )
         (work / "conf.py").write_text(
-            "import sys\n"
-            f"sys.path.insert(0, {str(DOCS / '_ext')!r})\n"
-            "extensions = ['public_api']\n"
+            f"import sys\nsys.path.insert(0, {str(DOCS / '_ext')!r})\nextensions = ['public_api']\n"
         )
         result = _sphinx(work / "src", work / "out", conf_dir=work)
         assert result.returncode != 0
@@ -188,9 +186,7 @@ def test_maths_render_from_a_local_mathjax(site):
 
 
 def test_the_notebook_page_is_executed_and_shows_its_pictures(site):
-    images = [
-        attrs["src"] for tag, attrs in _tags(site / "adamax_tour.html") if tag == "img"
-    ]
+    images = [attrs["src"] for tag, attrs in _tags(site / "adamax_tour.html") if tag == "img"]
     assert sum(src.endswith(".png") for src in images) >= 4, images
     assert sum(src.endswith(".gif") for src in images) == 1, images
     for src in images:
