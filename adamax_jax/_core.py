@@ -88,7 +88,7 @@ def bias_corrections(
     bc = _bias_correction(b1_r, one_minus_b1_r, count)
     if not nesterov:
         return bc, None
-    return bc, _bias_correction(b1_r, one_minus_b1_r, optax.safe_increment(count))
+    return bc, _bias_correction(b1_r, one_minus_b1_r, jnp.asarray(optax.safe_increment(count)))
 
 
 def adamax_leaf(
@@ -193,6 +193,7 @@ def adamax_leaf(
         corrections = bias_corrections(b1, count, rdt, nesterov)
     bc, bc_next = corrections
     if nesterov:
+        assert bc_next is not None, "Nesterov momentum needs the correction for t + 1."
         m_hat = b1_c * m_new / bc_next.astype(cdt) + one_minus_b1 * gc / bc.astype(cdt)
     else:
         m_hat = m_new / bc.astype(cdt)

@@ -40,7 +40,7 @@ class ScaleByAdamaxState(NamedTuple):
             when no leaf uses it.
     """
 
-    count: jax.Array
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride] (a field, as in optax)
     mu: optax.Updates
     nu: optax.Updates
     nu_scale: jax.Array | None = None
@@ -159,7 +159,7 @@ def scale_by_adamax(
         _validation.check_same_structure("updates", updates, "state.mu", state.mu)
         if params is not None:
             _validation.check_same_structure("params", params, "state.mu", state.mu)
-        count = optax.safe_increment(state.count)
+        count = jnp.asarray(optax.safe_increment(state.count))
         nu_scale = state.nu_scale
         gain = shift = None
         if nu_scale is not None:
@@ -194,7 +194,9 @@ def scale_by_adamax(
         directions, mu, nu = map_unzip(leaf, 3, updates, state.mu, state.nu)
         return directions, ScaleByAdamaxState(count=count, mu=mu, nu=nu, nu_scale=nu_scale)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # optax types a state as an array tree (`chex.ArrayTree`), which has no room for a
+    # NamedTuple state with `None` fields, nor for an update that names its state type.
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def infinity_norm(state: ScaleByAdamaxState) -> optax.Updates:
