@@ -196,3 +196,22 @@ def test_the_notebook_page_is_executed_and_shows_its_pictures(site):
     assert "expected (0.998, 0.01, 0.1)" in page
     # The notebook ran during the build (its committed outputs were not just copied).
     assert (site.parent / "tour.gif").stat().st_size > 10_000
+
+
+def _slug(title):
+    # GitHub's heading anchors, which the README's links into docs/*.md use.
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 8, local
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path if path else ROOT / "README.md"
+        assert target.is_file(), link
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), re.M)
+            assert anchor in {_slug(h) for h in headings}, (link, headings)
