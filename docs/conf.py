@@ -30,6 +30,9 @@ source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
 
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
+# MyST would configure MathJax 3 and mark every page `tex2jax_ignore`; MathJax 2 (below)
+# then typesets nothing. Without it, MathJax 2 typesets Sphinx's \( \) and \[ \] spans.
+myst_update_mathjax = False
 
 # The notebook runs at every build: a cell that raises fails the build.
 nb_execution_mode = "force"
@@ -53,5 +56,5 @@ html_theme_options = {
     "home_page_in_toc": True,
 }
 html_static_path: list[str] = []
-mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML"
+mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
 html_last_updated_fmt = None

@@ -178,9 +178,18 @@ def test_maths_render_from_a_local_mathjax(site):
     assert not remote, remote[:5]
     assert (site / "_static" / "mathjax" / "MathJax.js").is_file()
     scripts = [attrs.get("src") or "" for _, attrs in _tags(site / "algorithm.html")]
-    assert any(src.startswith("_static/mathjax/MathJax.js") for src in scripts), scripts
+    (mathjax,) = [src for src in scripts if src.startswith("_static/mathjax/MathJax.js")]
+    # MathJax 2 loads the configuration named in its URL from its own config/ folder.
+    (config,) = re.findall(r"[?&]config=([\w-]+)", mathjax)
+    assert (site / "_static" / "mathjax" / "config" / f"{config}.js").is_file(), mathjax
     algorithm = (site / "algorithm.html").read_text()
     assert algorithm.count('class="math') >= 5
+    for page in site.glob("*.html"):
+        text = page.read_text()
+        # A MathJax 3 configuration, or content marked for MathJax to skip, would leave
+        # MathJax 2 typesetting nothing.
+        assert "window.MathJax =" not in text, page.name
+        assert "tex2jax_ignore" not in text and "mathjax_ignore" not in text, page.name
     # The docstrings' formulas render in the API pages too.
     assert 'class="math' in (site / "api.html").read_text()
 
