@@ -22,6 +22,7 @@ extensions = [
     "sphinx.ext.viewcode",
     "local_mathjax",
     "public_api",
+    "short_aliases",
 ]
 
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]

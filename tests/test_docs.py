@@ -146,6 +146,10 @@ def test_every_public_name_has_an_api_entry(site):
     ids = {attrs.get("id") for _, attrs in _tags(site / "api.html")}
     for name in adamax_jax.__all__:
         assert f"adamax_jax.{name}" in ids, name
+    # Parameter types read as the aliases they were written with.
+    text = re.sub(r"<[^>]+>", "", (site / "api.html").read_text())
+    assert "ArrayLike" in text and "DTypeLike" in text
+    assert "ndarray | bool | number" not in text
 
 
 def test_an_undocumented_public_name_fails_the_build():
