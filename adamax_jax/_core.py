@@ -217,6 +217,7 @@ def adamax_leaf(
         )
 
     if nesterov:
+        assert bc_next is not None, "Nesterov momentum needs the correction for t + 1."
         # Each ratio is divided by u first: m/u and g/u are at most about 1,
         # where β₁ m / (1 - β₁^(t+1)) + (1 - β₁) g / (1 - β₁^t) can overflow
         # for gradients near the dtype's largest value.

@@ -103,7 +103,9 @@ def compensate_rounding(
         return CompensateRoundingState(jax.tree.map(init_leaf, params))
 
     def update_fn(
-        updates: optax.Updates, state: CompensateRoundingState, params: optax.Params = None
+        updates: optax.Updates,
+        state: CompensateRoundingState,
+        params: optax.Params | None = None,
     ) -> tuple[optax.Updates, CompensateRoundingState]:
         if params is None:
             raise ValueError("`compensate_rounding` needs `params` in `update`.")
@@ -134,7 +136,9 @@ def compensate_rounding(
         new_updates, compensation = map_unzip(leaf, 2, state.compensation, updates, params)
         return new_updates, CompensateRoundingState(compensation)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    # optax types a state as an array tree (`chex.ArrayTree`), which has no room for a
+    # NamedTuple state with `None` fields, nor for an update that names its state type.
+    return optax.GradientTransformation(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def state_bytes(state: Any) -> int:

@@ -45,7 +45,7 @@ class ScaleByAdamaxState(NamedTuple):
         nu: The infinity norm ``u_t``, shaped like the parameters.
     """
 
-    count: jax.Array
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride] (a field, as in optax)
     mu: optax.Updates
     nu: optax.Updates
 
@@ -235,7 +235,7 @@ def _scale_by_adamax(
         # A state cast to floating point (optax.tree.cast) keeps its count as a
         # whole number; the step is that number.
         count_in = jnp.asarray(state.count)
-        count = optax.safe_increment(count_in)
+        count = jnp.asarray(optax.safe_increment(count_in))
         t = count if jnp.issubdtype(count.dtype, jnp.integer) else _float_count(count)
 
         corrections: dict[jnp.dtype, Any] = {}
@@ -279,7 +279,9 @@ def _scale_by_adamax(
         directions, mu, nu = (treedef.unflatten([r[i] for r in results]) for i in range(3))
         return directions, ScaleByAdamaxState(count=count, mu=mu, nu=nu)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # optax types a state as an array tree (`chex.ArrayTree`), which has no room for a
+    # NamedTuple state with `None` fields, nor for an update that names its state type.
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def _codecs_leaf(x: Any) -> bool:
