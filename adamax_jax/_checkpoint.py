@@ -71,11 +71,11 @@ def abstract_state(
         >>> params = {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32)}
         >>> one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         >>> target = abstract_state(opt, params, shardings=one)
-        >>> target[0].nu["w"].sharding == one
+        >>> target[0].nu["w"].codes.sharding == one
         True
         >>> target = abstract_state(opt, params, shardings=None)
         >>> target[0].nu["w"]
-        ShapeDtypeStruct(shape=(4, 3), dtype=bfloat16)
+        EncodedMoment(codes=ShapeDtypeStruct(shape=(4, 3), dtype=bfloat16), scale=ShapeDtypeStruct(shape=(), dtype=float32), codec='scaled')
     """
     if isinstance(shardings, str) and shardings == "params":
         shapes, placed = init_placement(opt, params, params_mesh(params))
@@ -190,13 +190,15 @@ def check_state(opt: optax.GradientTransformation, params: Any, state: Any) -> N
         >>> from adamax_jax import adamax, check_state
         >>> params = {"w": jnp.zeros(3)}
         >>> check_state(adamax(), params, adamax().init(params))
-        >>> saved = adamax(nu_dtype=jnp.bfloat16).init(params)
+        >>> saved = adamax(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16).init(params)
         >>> check_state(adamax(), params, saved)
         Traceback (most recent call last):
         ...
         ValueError: `state` is not a state of `opt` for `params`:
-          [0].nu['w']: bfloat16[3] in `state`, expected float32[3]
-          [0].nu_scale: float32[] in `state`, not in the state of `opt`
+          [0].mu['w']: bfloat16[3] in `state`, expected float32[3]
+          [0].nu['w']: missing from `state`; expected float32[3]
+          [0].nu['w'].codes: bfloat16[3] in `state`, not in the state of `opt`
+          [0].nu['w'].scale: float32[] in `state`, not in the state of `opt`
     """
     expected = abstract_state(opt, params, shardings=None)
     lines = _differences(expected, state, "`state`")

@@ -19,6 +19,7 @@ import numpy as np
 from jax import lax
 
 from adamax_jax._precision import below_32_bits, store_moment
+from adamax_jax._sharding import zeros_like
 
 Role = Literal["mu", "nu"]
 
@@ -80,22 +81,10 @@ def codec_for(storage_dtype: jax.typing.DTypeLike, role: Role) -> str | None:
     return None
 
 
-def _zeros(p: Any, dtype: jnp.dtype) -> jax.Array:
-    # Imported here: the sharding helpers live with the other sharding code.
-    from adamax_jax._sharding import zeros_like
-
-    if isinstance(p, jax.ShapeDtypeStruct):
-        sharding = getattr(p, "sharding", None)
-        if sharding is not None:
-            return jnp.zeros(p.shape, dtype, device=sharding)
-        return jnp.zeros(p.shape, dtype)
-    return zeros_like(p, dtype)
-
-
 def init_moment(p: Any, storage_dtype: jax.typing.DTypeLike, role: Role) -> Any:
     """A zero moment for parameter `p` (an array or ``jax.ShapeDtypeStruct``)."""
     dtype = jnp.dtype(storage_dtype)
-    codes = _zeros(p, dtype)
+    codes = zeros_like(p, dtype)
     if codec_for(dtype, role) is None:
         return codes
     return EncodedMoment(codes=codes, scale=jnp.ones([], jnp.float32), codec=SCALED)
@@ -161,7 +150,11 @@ def decode(x: Any, dtype: jax.typing.DTypeLike) -> jax.Array:
     if not is_encoded(x):
         return x.astype(dtype)
     rdt = jnp.finfo(dtype).dtype
-    return x.codes.astype(dtype) * x.scale.astype(rdt).astype(dtype)
+    value = x.codes.astype(dtype) * x.scale.astype(rdt).astype(dtype)
+    # A code rounded up next to the largest finite value can read back past it;
+    # the moment it stands for cannot, so neither does its value.
+    big = jnp.asarray(jnp.finfo(rdt).max, rdt).astype(value.dtype)
+    return jnp.clip(value, -big, big)
 
 
 def _pow2_at_least(ratio: jax.Array) -> jax.Array:

@@ -229,4 +229,11 @@ def adamax_leaf(
             m_stored,
             v_stored,
         )
-    return divide(m_new / bc.astype(cdt), u), m_stored, v_stored
+    # m̂ = m / (1 - β₁^t) is a weighted mean of the gradients, so at most the
+    # largest finite value; the roundings of m and of the correction can take
+    # it one ulp past that, to infinity, where a gradient is that large.
+    m_hat = m_new / bc.astype(cdt)
+    if not split and not jnp.issubdtype(cdt, jnp.complexfloating):
+        big = jnp.asarray(jnp.finfo(cdt).max, cdt)
+        m_hat = jnp.clip(m_hat, -big, big)
+    return divide(m_hat, u), m_stored, v_stored

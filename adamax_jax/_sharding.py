@@ -22,6 +22,12 @@ def zeros_like(x: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike | None = Non
     of `x`; it costs one pass at initialisation only. On ``Explicit`` axes the
     sharding is part of the type, and every operand carries that of `x`.
     """
+    if isinstance(x, jax.ShapeDtypeStruct):
+        # Abstract parameters: zeros of that shape, on their sharding if they have one.
+        target = jnp.dtype(x.dtype if dtype is None else dtype)
+        if getattr(x, "sharding", None) is not None:
+            return jnp.zeros(x.shape, target, device=x.sharding)
+        return jnp.zeros(x.shape, target)
     x = jnp.asarray(x)
     dtype = jnp.dtype(x.dtype if dtype is None else dtype)
     if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):

@@ -535,7 +535,9 @@ def _chain(
 
     def update_fn(updates, state, params=None, **extra_args):
         updates = jax.tree.map(_as_leaf, updates, is_leaf=_is_none)
-        like = updates if params is None else jax.tree.map(_as_leaf, params, is_leaf=_is_none)
+        if params is not None:
+            params = jax.tree.map(_as_leaf, params, is_leaf=_is_none)
+        like = updates if params is None else params
         new, state = inner.update(updates, state, params, **extra_args)
 
         def rounded(u, ref):

@@ -120,6 +120,9 @@ def _dtype(leaf: Any) -> jnp.dtype:
     # Arrays, tracers and jax.ShapeDtypeStruct carry a dtype; reading it
     # copies nothing, where jnp.asarray would copy a NumPy leaf to the device.
     dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        # PRNG keys and other extended dtypes are no NumPy dtypes: keep them as they are.
+        return dtype
     return jnp.dtype(dtype) if dtype is not None else jnp.result_type(leaf)
 
 
@@ -133,7 +136,7 @@ def check_trainable(params: Any) -> None:
     if bad:
         raise TypeError(
             "AdaMax updates floating-point parameters only; these leaves are "
-            f"integer or boolean: {', '.join(bad)}. Leave non-trainable leaves "
+            f"not floating point: {', '.join(bad)}. Leave non-trainable leaves "
             "out with `optax.masked`, or zero their updates with "
             "`optax.set_to_zero` in an `optax.multi_transform`."
         )

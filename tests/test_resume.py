@@ -139,17 +139,16 @@ def test_abstract_state_rejects_shardings_of_another_structure():
     opt, params = ax.adamax(0.01), _f32_params()
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     other = ax.zero1_state_shardings(ax.adamax(0.01, nu_dtype=jnp.bfloat16), params, mesh, "data")
-    with pytest.raises(ValueError, match=r"(?s)structure of the state.*\[0\]\.nu_scale: missing"):
-        # The other way round: `shardings` has nu_scale, the state has not.
-        ax.abstract_state(
-            ax.adamax(0.01, nu_dtype=jnp.bfloat16), params, shardings=_drop_scale(other)
-        )
-    with pytest.raises(ValueError, match=r"\[0\]\.nu_scale: .* not in the state of `opt`"):
+    plain = ax.zero1_state_shardings(opt, params, mesh, "data")
+    with pytest.raises(
+        ValueError, match=r"(?s)structure of the state.*\[0\]\.nu\['w'\]\.scale: missing"
+    ):
+        # The other way round: the state has a scale for each ν, `shardings` has not.
+        ax.abstract_state(ax.adamax(0.01, nu_dtype=jnp.bfloat16), params, shardings=plain)
+    with pytest.raises(
+        ValueError, match=r"\[0\]\.nu\['w'\]\.scale: NamedSharding in `shardings`, not in the state"
+    ):
         ax.abstract_state(opt, params, shardings=other)
-
-
-def _drop_scale(shardings):
-    return (shardings[0]._replace(nu_scale=None), *shardings[1:])
 
 
 @pytest.mark.parametrize("bad, match", [("replicated", "got 'replicated'"), ({}, "got {}")])
@@ -197,10 +196,10 @@ def _saved_metadata(opt, params, path):
             ax.adamax,
             _f32_params,
             [
-                r"  \[0\]\.nu\['b'\]: bfloat16\[4\] in `state`, expected float32\[4\]",
-                r"  \[0\]\.nu\['w'\]: bfloat16\[3, 4\] in `state`, expected float32\[3, 4\]",
-                # The checkpoint's own key path for what only it holds.
-                r"  \[0\]\['nu_scale'\]: float32\[\] in `state`, not in the state of `opt`",
+                r"  \[0\]\.nu\['b'\]: missing from `state`; expected float32\[4\]",
+                # The checkpoint's own key paths for what only it holds.
+                r"  \[0\]\['nu'\]\['w'\]\['codes'\]: bfloat16\[3, 4\] in `state`, not in the state",
+                r"  \[0\]\['nu'\]\['w'\]\['scale'\]: float32\[\] in `state`, not in the state",
             ],
         ),
         # A leaf the checkpoint lacks.
@@ -367,7 +366,7 @@ def test_a_checkpoint_of_another_configuration_is_refused(resumed):
     message = facts["restore8"]["mismatch"]
     assert message is not None, "a float32 checkpoint restored into a bfloat16 state"
     assert "[0].mu['w1']: float32[8, 16] in `state`, expected bfloat16[8, 16]" in message
-    assert "[0].nu_scale: missing from `state`; expected float32[]" in message
+    assert "[0].nu['w1'].scale: missing from `state`; expected float32[]" in message
 
 
 @pytest.mark.parametrize("name", ["adamax", "compensated-bf16"])
