@@ -248,7 +248,7 @@ def check_dtype(name: str, value: Any) -> None:
         dtype = jnp.dtype(value)
     except TypeError as e:
         raise ValueError(f"`{name}` must be a floating dtype or None, got {value!r}.") from e
-    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits <= 8:
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
         raise ValueError(
             f"`{name}` got {value!r} ({dtype}): 8-bit state is not supported yet; use "
             "bfloat16 or float16 for a smaller state."
