@@ -2,6 +2,7 @@ import decimal
 import fractions
 import functools
 import re
+from pathlib import Path
 
 import chex
 import jax
@@ -1001,3 +1002,15 @@ def test_adamax_step_boolean_or_text_leaves_name_argument_and_path(argument, bad
         args = {k: {"w": 1.0} if k != argument else v for k, v in args.items()}
     with pytest.raises(TypeError, match=re.escape(f"`{argument}`['w']")):
         ax.adamax_step(args["param"], args["grad"], args["m"], args["u"], 1)
+
+
+def test_input_rules_page_quotes_the_errors_as_raised():
+    page = (Path(__file__).resolve().parent.parent / "docs" / "input_rules.md").read_text()
+    for build in (
+        lambda: ax.adamax(eps=1e39),
+        lambda: ax.adamax(b2=[1.5]),
+        lambda: ax.adamax(learning_rate=jnp.array([0.1, 0.2])),
+    ):
+        with pytest.raises(ValueError) as info:
+            build()
+        assert f"ValueError: {info.value}\n" in page
