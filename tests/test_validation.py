@@ -1014,3 +1014,22 @@ def test_input_rules_page_quotes_the_errors_as_raised():
         with pytest.raises(ValueError) as info:
             build()
         assert f"ValueError: {info.value}\n" in page
+
+
+def test_adamax_step_vmapped_steps_nan_only_where_invalid():
+    ts = jnp.array([1, 2, 0, -4, 2**31 - 1])
+    p, m, u = jax.vmap(lambda t: ax.adamax_step(1.0, 0.1, 0.05, 0.5, t))(ts)
+    assert not bool(jnp.any(jnp.isnan(p[jnp.array([0, 1, 4])])))
+    assert bool(jnp.all(jnp.isnan(p[jnp.array([2, 3])])))
+    for i in (0, 1, 4):
+        chex.assert_trees_all_close(
+            (p[i], m[i], u[i]), ax.adamax_step(1.0, 0.1, 0.05, 0.5, int(ts[i])), rtol=1e-7, atol=0
+        )
+
+
+def test_complex_storage_refused_for_abstract_real_params():
+    params = {"w": jax.ShapeDtypeStruct((2, 4), jnp.float32)}
+    with pytest.raises(
+        ValueError, match=re.escape("`nu_dtype` is complex64") + ".*" + re.escape("['w']")
+    ):
+        jax.eval_shape(ax.adamax(nu_dtype=jnp.complex64).init, params)
