@@ -494,11 +494,13 @@ def _as_tree(name: str, x: Any) -> Any:
     def leaf(path: Any, y: Any) -> Any:
         if y is None:
             return None
-        if isinstance(y, (bool, np.bool_, str, bytes)):
-            dtype = None
-        else:
-            y = jnp.asarray(y)
-            dtype = y.dtype
+        dtype = None
+        if not isinstance(y, (bool, np.bool_, str, bytes)):
+            try:
+                y = jnp.asarray(y)
+                dtype = y.dtype
+            except TypeError:  # not an array JAX can hold
+                pass
         if dtype is None or not (
             jnp.issubdtype(dtype, jnp.inexact) or jnp.issubdtype(dtype, jnp.integer)
         ):
