@@ -133,7 +133,20 @@ def check_interval(
         return low <= x < high if high_open else low <= x <= high
 
     bracket = ")" if high_open else "]"
-    return _checked(name, value, inside, f"in [{low:g}, {high:g}{bracket}")
+    try:
+        return _checked(name, value, inside, f"in [{low:g}, {high:g}{bracket}")
+    except ValueError as e:
+        dtype = getattr(value, "dtype", None)
+        narrow = dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+        if high_open and narrow and jnp.finfo(dtype).bits < 64 and _scalar(name, value) == high:
+            # As `optax.inject_hyperparams` makes float32 arrays of β₁ = 1 - 1e-8.
+            raise ValueError(
+                f"{e.args[0]} A value this close to {high:g} is {high:g} in {jnp.dtype(dtype)}: "
+                "give it as a Python float, or as a float64 array (with "
+                "`optax.inject_hyperparams(..., hyperparam_dtype=jnp.float64)` under "
+                "`jax_enable_x64`)."
+            ) from None
+        raise
 
 
 def check_nonnegative_finite(name: str, value: Any) -> Any:

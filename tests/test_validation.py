@@ -1033,3 +1033,23 @@ def test_complex_storage_refused_for_abstract_real_params():
         ValueError, match=re.escape("`nu_dtype` is complex64") + ".*" + re.escape("['w']")
     ):
         jax.eval_shape(ax.adamax(nu_dtype=jnp.complex64).init, params)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_b1_rounded_to_one_in_float32_is_refused_with_the_way_out():
+    # inject_hyperparams hands the factory float32 arrays: 1 - 1e-8 arrives as 1.0.
+    opt = optax.inject_hyperparams(ax.adamax)(learning_rate=1e-3, b1=1 - 1e-8)
+    with pytest.raises(ValueError, match=re.escape("`b1` must be in [0, 1)")) as info:
+        opt.init(jnp.ones(2))
+    assert "hyperparam_dtype=jnp.float64" in str(info.value)
+    for b1 in (jnp.asarray([1.0]), np.float32(1 - 1e-8), jnp.asarray(1 - 1e-3, jnp.bfloat16)):
+        with pytest.raises(ValueError, match="Python float"):
+            ax.adamax(b1=b1)
+    # The way out: float64 hyperparameters give the plain float's update.
+    with jax.enable_x64(True):
+        opt = optax.inject_hyperparams(ax.adamax, hyperparam_dtype=jnp.float64)(
+            learning_rate=1e-3, b1=1 - 1e-8
+        )
+        params = jnp.ones(2, jnp.float32)
+        updates, _ = opt.update(jnp.ones(2, jnp.float32), opt.init(params), params)
+        np.testing.assert_allclose(updates, [-1e-3, -1e-3], rtol=1e-6)
