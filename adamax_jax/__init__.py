@@ -1,12 +1,15 @@
 """AdaMax for JAX, as optax gradient transformations over pytrees."""
 
+from adamax_jax._codecs import EncodedMoment as EncodedMoment
 from adamax_jax._precision import CompensateRoundingState as CompensateRoundingState
 from adamax_jax._precision import compensate_rounding as compensate_rounding
 from adamax_jax._sharding import zero1_state_shardings as zero1_state_shardings
 from adamax_jax._transform import ScaleByAdamaxState as ScaleByAdamaxState
 from adamax_jax._transform import adamax as adamax
+from adamax_jax._transform import adamax_state as adamax_state
 from adamax_jax._transform import adamax_step as adamax_step
 from adamax_jax._transform import adamaxw as adamaxw
+from adamax_jax._transform import convert_state as convert_state
 from adamax_jax._transform import infinity_norm as infinity_norm
 from adamax_jax._transform import nadamax as nadamax
 from adamax_jax._transform import scale_by_adamax as scale_by_adamax
@@ -15,11 +18,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompensateRoundingState",
+    "EncodedMoment",
     "ScaleByAdamaxState",
     "adamax",
+    "adamax_state",
     "adamax_step",
     "adamaxw",
     "compensate_rounding",
+    "convert_state",
     "infinity_norm",
     "nadamax",
     "scale_by_adamax",

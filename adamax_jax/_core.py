@@ -1,13 +1,13 @@
 """The AdaMax equations for one array: the only place they are written down."""
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
-from adamax_jax._precision import below_32_bits, store_moment
+from adamax_jax import _codecs
 
 EpsMode = Literal["denominator", "inside_max", "none"]
 ComplexMode = Literal["modulus", "split"]
@@ -49,30 +49,31 @@ def nu_storage_dtype(
     return base
 
 
-def nu_is_scaled(nu_dtype: jax.typing.DTypeLike) -> bool:
-    """Whether ν of this storage dtype is kept in the scaled representation.
-
-    Below 32 bits a per-step decay of ``β₂ u`` is smaller than half a unit in
-    the last place for the usual β₂ and would be rounded away on every store.
-    """
-    return below_32_bits(nu_dtype)
-
-
 def _split_apply(fn, *xs):
     """Applies a real function to real and imaginary parts separately."""
     return lax.complex(fn(*(x.real for x in xs)), fn(*(x.imag for x in xs)))
 
 
-def _bias_correction(b1: jax.Array, one_minus_b1: jax.Array, count: jax.Array) -> jax.Array:
-    """``1 - β₁^t``: an integer power as optax computes it, finite for every t.
+def b1_terms(b1: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike) -> tuple[jax.Array, jax.Array]:
+    """β₁ and ``1 - β₁`` in the real `dtype`, the second as exact as `b1` allows.
 
-    Where β₁ rounds to 1 in this dtype (1 - 1e-8 in float32) the power gives
-    0 and the step would be infinite; there ``1 - β₁``, formed before the
-    rounding, gives it as ``-expm1(t log1p(-(1 - β₁)))``.
+    A Python β₁ gives the correctly rounded ``1 - β₁`` (formed before the cast,
+    as optax forms it), not ``1 - round(β₁)``: for ``β₁ = 1 - 1e-8`` the first
+    is 1e-8 and the second 0 in float32. An array β₁ (as
+    ``optax.inject_hyperparams`` passes it, in float32 by default) has already
+    been rounded; where it rounded to 1, outside [0, 1), the nearest value
+    below 1 is taken (``1 - β₁ = 2^-24`` in float32), so that the step stays
+    the one of a β₁ that close to 1 instead of 0/0. Pass
+    ``hyperparam_dtype=jnp.float64`` to ``inject_hyperparams`` (with
+    ``jax_enable_x64``) to keep β₁ exact.
     """
-    power = 1 - lax.pow(b1, count)
-    small = -jnp.expm1(count.astype(b1.dtype) * jnp.log1p(-one_minus_b1))
-    return jnp.where(b1 < 1, power, small)
+    dtype = jnp.dtype(dtype)
+    if isinstance(b1, (int, float)):
+        return jnp.asarray(b1, dtype), jnp.asarray(1 - b1, dtype)
+    b1_r = jnp.asarray(b1).astype(dtype)
+    below_one = jnp.asarray(jnp.finfo(dtype).epsneg, dtype)
+    one_minus = jnp.maximum(1 - b1_r, below_one)
+    return jnp.minimum(b1_r, 1 - below_one), one_minus
 
 
 def bias_corrections(
@@ -80,21 +81,41 @@ def bias_corrections(
 ) -> tuple[jax.Array, jax.Array | None]:
     """``1 - β₁^t`` in the real `dtype`, and ``1 - β₁^(t+1)`` for Nesterov momentum.
 
-    One pair serves every leaf of that dtype: computed once per step rather
-    than once per leaf, it keeps tracing and compiling a large tree short.
+    Computed as ``-expm1(t log1p(-(1 - β₁)))`` from the same ``1 - β₁`` as the
+    moment (:func:`b1_terms`), for every β₁: an integer power of a β₁ rounded
+    to float32 gives ``1 - β₁^t`` off by ``(β₁ - round(β₁)) t / (1 - β₁^t)``
+    relative, 1.3e-5 at step 1 for β₁ = 0.999 and growing as β₁ nears 1,
+    while the moment uses the exact ``1 - β₁``, so that even a constant
+    gradient's step would be off by that much. One pair serves every leaf of
+    that dtype: computed once per step rather than once per leaf, it keeps
+    tracing and compiling a large tree short.
     """
-    b1_r = jnp.asarray(b1, dtype)
-    one_minus_b1_r = jnp.asarray(1 - b1, dtype)
-    bc = _bias_correction(b1_r, one_minus_b1_r, count)
+    _, one_minus_b1 = b1_terms(b1, dtype)
+    log_b1 = jnp.log1p(-one_minus_b1)
+
+    def correction(t: jax.Array) -> jax.Array:
+        return -jnp.expm1(t.astype(log_b1.dtype) * log_b1)
+
     if not nesterov:
-        return bc, None
-    return bc, _bias_correction(b1_r, one_minus_b1_r, optax.safe_increment(count))
+        return correction(count), None
+    return correction(count), correction(optax.safe_increment(count))
+
+
+def _safe_divide(a: jax.Array, b: jax.Array, guard_zero: bool) -> jax.Array:
+    """``a / b``, and 0 where `b` is 0 if `guard_zero`, with finite derivatives there too."""
+    if not guard_zero:
+        return a / b
+    zero = b == 0
+    # The safe-where pattern: the division never sees the 0, so that neither
+    # branch's derivative is NaN where the forward value is finite.
+    q = a / jnp.where(zero, jnp.ones_like(b), b)
+    return jnp.where(zero, jnp.zeros_like(q), q)
 
 
 def adamax_leaf(
     g: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
+    m: Any,
+    v: Any,
     count: jax.Array,
     *,
     b1: jax.typing.ArrayLike,
@@ -103,11 +124,9 @@ def adamax_leaf(
     eps_mode: EpsMode = "denominator",
     nesterov: bool = False,
     complex_mode: ComplexMode = "modulus",
-    nu_gain: jax.typing.ArrayLike | None = None,
-    nu_decay: jax.typing.ArrayLike | None = None,
     guard_zero: bool = False,
     corrections: tuple[jax.Array, jax.Array | None] | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, Any, Any]:
     r"""One AdaMax step for one array.
 
     .. math::
@@ -117,11 +136,10 @@ def adamax_leaf(
         d_t &= \frac{m_t}{1 - \beta_1^t} \Big/ (u_t [+ \epsilon])
         \end{align*}
 
-    ν is stored as ``v = u · gain``. In the direct representation ``gain`` is
-    1 and ``decay`` is β₂. In the scaled one the caller passes the gain of this
-    step and ``decay`` is the exact power of two that moves ``v`` from the last
-    step's gain to this one's, so a stored ν only changes when a gradient
-    exceeds it.
+    The moments come in and go out in their storage layout (a plain array, or
+    an :class:`~adamax_jax.EncodedMoment`); the equations run on their values
+    in the compute dtype (float32 at least), and :mod:`adamax_jax._codecs`
+    reads and writes them.
 
     Args:
         g: The gradient.
@@ -134,32 +152,26 @@ def adamax_leaf(
         eps_mode: Where ε goes: "denominator", "inside_max" or "none".
         nesterov: Use the Nesterov-momentum estimate of NadaMax.
         complex_mode: "modulus" or "split", for complex gradients.
-        nu_gain: The gain of the scaled representation, or None for direct.
-        nu_decay: The factor applied to the stored ν; defaults to β₂.
         guard_zero: Give 0 where the denominator is 0 (possible only without
             ε, and only where every gradient so far was 0, so that m is 0 too).
         corrections: :func:`bias_corrections` for this leaf's real compute
             dtype, when the caller shares them between leaves.
 
     Returns:
-        The direction (in the gradient's dtype) and the new ``m`` and ``v`` in
-        their storage dtypes.
+        The direction in the compute dtype, and the new ``m`` and ``v`` in
+        their storage layouts.
     """
     cdt = compute_dtype(g.dtype)
     rdt = real_dtype(cdt)
     split = complex_mode == "split" and jnp.issubdtype(cdt, jnp.complexfloating)
-    b1_r = jnp.asarray(b1, rdt)
-    b1_c = b1_r.astype(cdt)
-    # 1 - β₁ is formed before the cast, so a Python β₁ gives the correctly
-    # rounded 1 - β₁ (as optax computes it), not 1 - round(β₁).
-    one_minus_b1 = jnp.asarray(1 - b1, rdt).astype(cdt)
+    b1_r, one_minus_b1_r = b1_terms(b1, rdt)
+    b1_c, one_minus_b1 = b1_r.astype(cdt), one_minus_b1_r.astype(cdt)
     eps_r = jnp.asarray(eps, rdt)
-    decay = jnp.asarray(b2 if nu_decay is None else nu_decay, rdt)
     gc = g.astype(cdt)
 
     # The same order of operations as optax's update_moment, so that the two
     # agree to the bit in float32.
-    m_new = one_minus_b1 * gc + b1_c * m.astype(cdt)
+    m_new = one_minus_b1 * gc + b1_c * _codecs.decode(m, cdt)
 
     if split:
         mag = _split_apply(jnp.abs, gc)
@@ -167,44 +179,53 @@ def adamax_leaf(
         mag = jnp.abs(gc)
     if eps_mode == "inside_max":
         mag = mag + (lax.complex(eps_r, eps_r) if split else eps_r)
-    vc = v.astype(mag.dtype)
-    if nu_gain is not None:
-        mag = mag * jnp.asarray(nu_gain, rdt).astype(mag.dtype)
+    decay = jnp.asarray(b2, rdt)
     if split:
-        v_new = _split_apply(jnp.maximum, mag, decay.astype(mag.dtype) * vc)
+        v_new = _split_apply(
+            jnp.maximum, mag, decay.astype(mag.dtype) * _codecs.decode(v, mag.dtype)
+        )
     else:
-        v_new = jnp.maximum(mag, decay * vc)
-    m_stored = store_moment(m_new, m)
-    v_stored = v_new.astype(v.dtype)
-    if below_32_bits(m.dtype) or below_32_bits(v.dtype):
+        v_new = jnp.maximum(mag, decay * _codecs.decode(v, mag.dtype))
+    m_stored = _codecs.encode(m_new, m, "mu", _codecs.next_scale(m, "mu", b2, jnp.abs(gc)))
+    v_stored = _codecs.encode(
+        v_new, v, "nu", _codecs.next_scale(v, "nu", b2, mag), floor=None if split else mag
+    )
+    if _codecs.storage_dtype(m).itemsize < 4 or _codecs.storage_dtype(v).itemsize < 4:
         # A step from the unrounded moments makes XLA recompute them from the
         # old ones after the new ones have been stored over them, so that a
         # donated step first copies both old moments: two extra full-size
         # buffers and passes. The step is taken from the stored moments
         # instead, and |g| (+ ε) is applied again so that the rounding of ν
         # can never take the denominator below it.
-        m_stored, v_stored = lax.optimization_barrier((m_stored, v_stored))
-        m_new = m_stored.astype(cdt)
-        v_back = v_stored.astype(mag.dtype)
+        m_stored, v_stored = _codecs.barrier(m_stored, v_stored)
+        m_new = _codecs.decode(m_stored, cdt)
+        v_back = _codecs.decode(v_stored, mag.dtype)
         v_new = _split_apply(jnp.maximum, mag, v_back) if split else jnp.maximum(mag, v_back)
-    u = v_new if nu_gain is None else v_new / jnp.asarray(nu_gain, rdt).astype(mag.dtype)
+    u = v_new
 
     if corrections is None:
         corrections = bias_corrections(b1, count, rdt, nesterov)
     bc, bc_next = corrections
-    if nesterov:
-        m_hat = b1_c * m_new / bc_next.astype(cdt) + one_minus_b1 * gc / bc.astype(cdt)
-    else:
-        m_hat = m_new / bc.astype(cdt)
     if eps_mode == "denominator":
         u = u + (lax.complex(eps_r, eps_r) if split else eps_r)
 
     def divide(a, b):
-        q = a / b
-        return jnp.where(b == 0, jnp.zeros_like(q), q) if guard_zero else q
+        return (
+            _split_apply(lambda x, y: _safe_divide(x, y, guard_zero), a, b)
+            if split
+            else (_safe_divide(a, b.astype(cdt), guard_zero))
+        )
 
-    if split:
-        direction = _split_apply(divide, m_hat, u)
-    else:
-        direction = divide(m_hat, u.astype(cdt))
-    return direction.astype(g.dtype), m_stored, v_stored
+    if nesterov:
+        # Each ratio is divided by u first: m/u and g/u are at most about 1,
+        # where β₁ m / (1 - β₁^(t+1)) + (1 - β₁) g / (1 - β₁^t) can overflow
+        # for gradients near the dtype's largest value.
+        return (
+            (
+                b1_c / bc_next.astype(cdt) * divide(m_new, u)
+                + one_minus_b1 / bc.astype(cdt) * divide(gc, u)
+            ),
+            m_stored,
+            v_stored,
+        )
+    return divide(m_new / bc.astype(cdt), u), m_stored, v_stored

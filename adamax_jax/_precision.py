@@ -16,34 +16,6 @@ def below_32_bits(dtype: jax.typing.DTypeLike) -> bool:
     return jnp.dtype(dtype).itemsize < 4 and jnp.issubdtype(dtype, jnp.floating)
 
 
-def advance_nu_scale(
-    scale: jax.Array, b2: jax.typing.ArrayLike
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Moves the scaled representation of ν one step on.
-
-    The true infinity norm is ``u = v · s``. Each step ``s`` is multiplied by
-    β₂ instead of every stored ``v``, and when ``s`` leaves [1, 2) it is brought
-    back by a power of two that is also applied to ``v`` — an exact
-    multiplication in any binary floating-point format.
-
-    Args:
-        scale: ``s`` of the previous step, a float32 scalar in [1, 2).
-        b2: β₂.
-
-    Returns:
-        The new ``s``, the gain ``1/s`` that takes a fresh magnitude into
-        the stored representation, and the power of two applied to stored ``v``.
-    """
-    decayed = scale * jnp.asarray(b2, jnp.float32)
-    mantissa, exponent = jnp.frexp(decayed)
-    positive = decayed > 0
-    # frexp gives a mantissa in [0.5, 1): doubling it puts s in [1, 2), so the
-    # stored v = u / s never exceeds u and cannot overflow where u does not.
-    new_scale = jnp.where(positive, 2 * mantissa, jnp.float32(1))
-    shift = jnp.where(positive, jnp.ldexp(jnp.float32(1), exponent - 1), jnp.float32(0))
-    return new_scale, 1 / new_scale, shift
-
-
 def store_moment(value: jax.Array, previous: jax.Array) -> jax.Array:
     """Rounds a new first moment to the storage dtype of `previous`.
 
@@ -60,6 +32,9 @@ def store_moment(value: jax.Array, previous: jax.Array) -> jax.Array:
     the move is always made, so that a decaying moment reaches 0. Every other
     store rounds to nearest, as do all stores of 32 bits or more.
 
+    Its derivative is that of the value (the straight-through rule): the
+    rounding itself has none.
+
     Args:
         value: The new moment, in the compute dtype.
         previous: The stored moment of the last step.
@@ -67,15 +42,27 @@ def store_moment(value: jax.Array, previous: jax.Array) -> jax.Array:
     Returns:
         The moment to store, in the dtype of `previous`.
     """
+    if not below_32_bits(previous.dtype):
+        return value.astype(previous.dtype)
+    return _store_nudged(value, previous)
+
+
+@jax.custom_jvp
+def _store_nudged(value: jax.Array, previous: jax.Array) -> jax.Array:
     dtype = previous.dtype
     rounded = value.astype(dtype)
-    if not below_32_bits(dtype):
-        return rounded
     before = previous.astype(value.dtype)
     safe = (jnp.abs(previous) >= jnp.finfo(dtype).tiny) | (jnp.abs(value) < jnp.abs(before))
     stalled = (rounded == previous) & (value != before) & safe
     toward = jnp.where(value > before, jnp.inf, -jnp.inf).astype(dtype)
     return jnp.where(stalled, jnp.nextafter(previous, toward), rounded)
+
+
+@_store_nudged.defjvp
+def _store_nudged_jvp(primals, tangents):
+    value, previous = primals
+    dvalue, _ = tangents
+    return _store_nudged(value, previous), dvalue.astype(previous.dtype)
 
 
 class CompensateRoundingState(NamedTuple):

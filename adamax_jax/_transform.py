@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamax_jax import _validation
+from adamax_jax import _codecs, _validation
 from adamax_jax._core import (
     COMPLEX_MODES,
     EPS_MODES,
@@ -17,33 +17,36 @@ from adamax_jax._core import (
     adamax_leaf,
     bias_corrections,
     compute_dtype,
-    nu_is_scaled,
     nu_storage_dtype,
     real_dtype,
 )
-from adamax_jax._precision import advance_nu_scale, compensate_rounding
-from adamax_jax._sharding import zeros_like
-from adamax_jax._tree import map_unzip
+from adamax_jax._precision import compensate_rounding
+from adamax_jax._tree import is_leaf, map_unzip
 
 
 class ScaleByAdamaxState(NamedTuple):
     """State of :func:`scale_by_adamax`.
 
+    Every moment says how to read it: a plain array holds the moment itself
+    (as in optax's ``ScaleByAdamState``, whose fields these are); an
+    :class:`EncodedMoment` holds codes, a scale and the name of the codec
+    that wrote them. ``opt.init`` makes plain arrays wherever the moment is
+    stored in 32 bits or more (the default for float32 parameters, where the
+    state is laid out exactly as ``optax.adamax``'s) and bfloat16 μ; encoded
+    ones for ν below 32 bits and float16 μ. :func:`infinity_norm` gives
+    ``u_t`` from either, and ``update`` refuses a moment whose layout
+    contradicts its dtype (such as a plain bfloat16 ν after a cast), naming
+    its path.
+
     Attributes:
         count: The number of steps taken, an int32 scalar; it saturates.
         mu: The first moment ``m_t``, shaped like the parameters.
-        nu: The infinity norm. It holds ``u_t`` itself, as in optax, wherever ν
-            is stored in 32 bits or more; below that it holds ``u_t / nu_scale``
-            (see :func:`scale_by_adamax`). :func:`infinity_norm` gives ``u_t``
-            either way.
-        nu_scale: The float32 scalar of the scaled representation, or ``None``
-            when no leaf uses it.
+        nu: The infinity norm ``u_t``, shaped like the parameters.
     """
 
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
-    nu_scale: jax.Array | None = None
 
 
 def _check_hyperparameters(b1: Any, b2: Any, eps: Any, eps_mode: Any) -> tuple[Any, Any, Any]:
@@ -83,29 +86,33 @@ def scale_by_adamax(
     as optax's ``scale_by_*`` transformations do.
 
     Arithmetic runs in float32 at least, whatever the storage dtypes; the
-    returned updates have the gradient's dtype, and the state keeps its dtypes
-    from step to step.
+    returned updates have the gradient's dtype (integer gradients are first
+    converted to the parameter's dtype, or float32), and the state keeps its
+    layout and dtypes from step to step.
 
     Where ν is stored in fewer than 32 bits (``nu_dtype`` of bfloat16 or
     float16, or such parameters), the per-step decay ``β₂ u`` is below half a
     unit in the last place for the usual β₂ and would be rounded away on every
-    store, so that ``u`` never decays. There ν is stored scaled: ``nu`` holds
-    ``u_t / s_t`` with one float32 scalar ``s_t`` (``nu_scale``) for the whole
-    tree. The decay goes into ``s_t`` alone; a stored value changes only when
-    a gradient exceeds it (one rounding, not one per step), and when ``s_t``
-    leaves [1, 2) a power of two — exact in binary floating point — moves it
-    back and is applied to every stored ν. As ``s_t >= 1``, a stored value is
-    at most ``u_t`` (up to the rounding of its store), so it overflows only
-    where ``u_t`` itself would. Where every ν is stored in 32 bits or more
-    (the default for float32 parameters) ``nu`` holds ``u_t`` itself, as in
-    optax, and ``nu_scale`` is ``None``; :func:`infinity_norm` reads ``u_t``
-    from either.
+    store, so that ``u`` never decays. There each ν is an
+    :class:`EncodedMoment`: codes and a float32 scale ``s_t >= 1`` with
+    ``u_t = codes · s_t``. The decay goes into ``s_t`` alone; a stored code
+    changes only when a gradient exceeds it (one rounding, not one per step),
+    and when ``s_t`` would fall below 1 a power of two — exact in binary
+    floating point — moves it back up and is applied to the codes. A code is
+    rounded so that it never reads back below the gradient it holds. float16
+    μ is encoded the same way with a power-of-two scale, and in float16 the
+    scale grows (by powers of two) with the largest gradient, so that no
+    finite gradient overflows the store. Where ν is stored in 32 bits or more
+    (the default for float32 parameters) it is a plain array holding ``u_t``,
+    as in optax; :func:`infinity_norm` reads ``u_t`` from either.
 
     A first moment stored in fewer than 32 bits is rounded to nearest, except
     where that would leave it unchanged although it moved: it then moves by
     one unit in the last place towards the new value. Rounding to nearest
     alone lets ``m_t`` stall short of a steady gradient, by up to
     ``ulp / (2 (1 - β₁))`` (2 to 4 % in bfloat16), and every later step with it.
+    Rounding has no derivative; ``jax.grad`` through an update passes the
+    derivative of the unrounded moments (the straight-through rule).
 
     Args:
         b1: Decay of the first moment, in [0, 1).
@@ -121,7 +128,70 @@ def scale_by_adamax(
         nu_dtype: Storage dtype of ``nu``; defaults to the parameter's dtype.
 
     Returns:
-        An ``optax.GradientTransformationExtraArgs``.
+        An ``optax.GradientTransformationExtraArgs``. Its ``init`` takes
+        arrays or ``jax.ShapeDtypeStruct`` leaves.
+
+    Raises:
+        ValueError: For a hyperparameter out of range, or (in ``update``) a
+            state whose structure, shapes or layout does not fit.
+        TypeError: For a parameter or gradient leaf that is not a number.
+    """
+    return _scale_by_adamax(
+        b1,
+        b2,
+        eps,
+        eps_mode=eps_mode,
+        nesterov=nesterov,
+        complex_mode=complex_mode,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        float32_updates=False,
+    )
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _as_leaf(x: Any) -> Any:
+    """A Python or NumPy number as an array; arrays and abstract leaves as they are."""
+    if x is None or isinstance(x, jax.ShapeDtypeStruct) or hasattr(x, "dtype"):
+        return x
+    return jnp.asarray(x)
+
+
+def _float_gradient(g: Any, like: Any, path: str) -> jax.Array:
+    """An integer gradient in the dtype of `like` (the parameter), as optax promotes it."""
+    g = _as_leaf(g)
+    dtype = jnp.dtype(g.dtype)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return g
+    if jnp.issubdtype(dtype, jnp.integer):
+        target = jnp.dtype(like.dtype) if like is not None else jnp.dtype(jnp.float32)
+        if not jnp.issubdtype(target, jnp.inexact):
+            target = jnp.dtype(jnp.float32)
+        return g.astype(target)
+    raise TypeError(
+        f"`updates`{path} has dtype {dtype}; AdaMax takes floating-point (or integer) gradients."
+    )
+
+
+def _scale_by_adamax(
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    *,
+    eps_mode: EpsMode,
+    nesterov: bool,
+    complex_mode: ComplexMode,
+    mu_dtype: Any,
+    nu_dtype: Any,
+    float32_updates: bool,
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`scale_by_adamax`; with `float32_updates`, updates stay in the compute dtype.
+
+    The aliases use the latter, so that the learning rate and weight decay act
+    on the float32 direction and a low-precision update is rounded once.
     """
     b1, b2, eps = _check_hyperparameters(b1, b2, eps, eps_mode)
     _validation.check_bool("nesterov", nesterov)
@@ -131,26 +201,25 @@ def scale_by_adamax(
     guard = _guard_zero_denominator(eps, eps_mode)
 
     def init_fn(params: optax.Params) -> ScaleByAdamaxState:
+        params = jax.tree.map(_as_leaf, params, is_leaf=_is_none)
         _validation.check_trainable(params)
         _validation.check_storage_dtypes(params, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
         def mu_leaf(p):
-            dtype = jnp.asarray(p).dtype if mu_dtype is None else jnp.dtype(mu_dtype)
-            if jnp.iscomplexobj(p) and not jnp.issubdtype(dtype, jnp.complexfloating):
+            dtype = jnp.dtype(p.dtype) if mu_dtype is None else jnp.dtype(mu_dtype)
+            if jnp.issubdtype(p.dtype, jnp.complexfloating) and not jnp.issubdtype(
+                dtype, jnp.complexfloating
+            ):
                 dtype = jnp.dtype(jnp.complex128 if dtype.itemsize > 4 else jnp.complex64)
-            return zeros_like(p, dtype)
+            return _codecs.init_moment(p, dtype, "mu")
 
         def nu_leaf(p):
-            return zeros_like(p, nu_storage_dtype(jnp.asarray(p).dtype, nu_dtype, complex_mode))
+            return _codecs.init_moment(p, nu_storage_dtype(p.dtype, nu_dtype, complex_mode), "nu")
 
-        mu = jax.tree.map(mu_leaf, params)
-        nu = jax.tree.map(nu_leaf, params)
-        scaled = any(nu_is_scaled(v.dtype) for v in jax.tree.leaves(nu))
         return ScaleByAdamaxState(
             count=jnp.zeros([], jnp.int32),
-            mu=mu,
-            nu=nu,
-            nu_scale=jnp.ones([], jnp.float32) if scaled else None,
+            mu=jax.tree.map(mu_leaf, params),
+            nu=jax.tree.map(nu_leaf, params),
         )
 
     def update_fn(
@@ -160,86 +229,327 @@ def scale_by_adamax(
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByAdamaxState]:
         del extra_args
+        updates = jax.tree.map(_as_leaf, updates, is_leaf=_is_none)
         _validation.check_same_structure("updates", updates, "state.mu", state.mu)
+        _validation.check_same_structure("state.nu", state.nu, "state.mu", state.mu)
         if params is not None:
+            params = jax.tree.map(_as_leaf, params, is_leaf=_is_none)
             _validation.check_same_structure("params", params, "state.mu", state.mu)
-        count = optax.safe_increment(state.count)
-        nu_scale = state.nu_scale
-        gain = shift = None
-        if nu_scale is not None:
-            nu_scale, gain, shift = advance_nu_scale(nu_scale, b2)
+        # A state cast to floating point (optax.tree.cast) keeps its count as a
+        # whole number; the step is that number.
+        count_in = jnp.asarray(state.count)
+        count = optax.safe_increment(count_in)
+        t = count if jnp.issubdtype(count.dtype, jnp.integer) else _float_count(count)
 
-        corrections = {}
+        corrections: dict[jnp.dtype, Any] = {}
+        paths, treedef = jax.tree_util.tree_flatten_with_path(state.mu, is_leaf=_codecs_leaf)
+        grads = treedef.flatten_up_to(updates)
+        nus = treedef.flatten_up_to(state.nu)
+        ps = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
 
-        def leaf(g, m, v):
+        def leaf(path, m, g, v, p):
             if g is None:
                 return None, None, None
-            scaled = gain is not None and nu_is_scaled(v.dtype)
+            where = jax.tree_util.keystr(path)
+            _codecs.check_moment(m, f"state.mu{where}", "mu")
+            _codecs.check_moment(v, f"state.nu{where}", "nu")
+            g = _float_gradient(g, p, where)
             rdt = real_dtype(compute_dtype(g.dtype))
             if rdt not in corrections:
-                corrections[rdt] = bias_corrections(b1, count, rdt, nesterov)
-            return adamax_leaf(
+                corrections[rdt] = bias_corrections(b1, t, rdt, nesterov)
+            direction, m_new, v_new = adamax_leaf(
                 g,
                 m,
                 v,
-                count,
+                t,
                 b1=b1,
                 b2=b2,
                 eps=eps,
                 eps_mode=eps_mode,
                 nesterov=nesterov,
                 complex_mode=complex_mode,
-                nu_gain=gain if scaled else None,
-                nu_decay=shift if scaled else None,
                 guard_zero=guard,
                 corrections=corrections[rdt],
             )
+            if not float32_updates:
+                direction = direction.astype(g.dtype)
+            return direction, m_new, v_new
 
-        directions, mu, nu = map_unzip(leaf, 3, updates, state.mu, state.nu)
-        return directions, ScaleByAdamaxState(count=count, mu=mu, nu=nu, nu_scale=nu_scale)
+        results = [
+            leaf(path, m, g, v, p) for (path, m), g, v, p in zip(paths, grads, nus, ps, strict=True)
+        ]
+        directions, mu, nu = (treedef.unflatten([r[i] for r in results]) for i in range(3))
+        return directions, ScaleByAdamaxState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def infinity_norm(state: ScaleByAdamaxState) -> optax.Updates:
-    """The infinity norm ``u_t`` of a :class:`ScaleByAdamaxState`, in float32 or wider.
+def _codecs_leaf(x: Any) -> bool:
+    return is_leaf(x)
 
-    Undoes the scaled representation of low-precision ν, so that callers never
-    need to know which leaves use it.
+
+def _float_count(count: jax.Array) -> jax.Array:
+    top = float(np.iinfo(np.int32).max)
+    return jnp.clip(count, 0, top).astype(jnp.int32)
+
+
+def _find_adamax_states(state: Any) -> list[tuple[str, ScaleByAdamaxState]]:
+    found = jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, ScaleByAdamaxState)
+    )[0]
+    return [
+        (jax.tree_util.keystr(path), s) for path, s in found if isinstance(s, ScaleByAdamaxState)
+    ]
+
+
+def adamax_state(state: Any) -> ScaleByAdamaxState:
+    """The one :class:`ScaleByAdamaxState` inside an optimizer state.
 
     Args:
-        state: A state of :func:`scale_by_adamax`.
+        state: A state of any transformation of this package, or of a chain
+            (or other combinator) holding exactly one.
 
     Returns:
-        A tree shaped like ``state.nu``.
+        That ``ScaleByAdamaxState``.
+
+    Raises:
+        ValueError: If `state` holds none, or more than one (their paths are
+            named; pass the one you mean).
     """
+    found = _find_adamax_states(state)
+    if len(found) == 1:
+        return found[0][1]
+    if not found:
+        raise ValueError(
+            f"`state` holds no ScaleByAdamaxState (got {type(state).__name__}); pass the "
+            "state of an AdaMax transformation or of a chain that contains one."
+        )
+    raise ValueError(
+        "`state` holds several ScaleByAdamaxState, at "
+        + ", ".join(p or "<root>" for p, _ in found)
+        + "; pass the one you mean."
+    )
+
+
+def infinity_norm(state: Any) -> optax.Updates:
+    """The infinity norm ``u_t``, in float32 or wider, from an AdaMax state.
+
+    Reads each ν the way it was written (a plain array, or an
+    :class:`EncodedMoment` decoded with its scale), so that callers never need
+    to know the storage layout.
+
+    Args:
+        state: A :class:`ScaleByAdamaxState`, or any optimizer state holding
+            exactly one (the state of ``adamax(...)``, a chain, ...).
+
+    Returns:
+        A tree shaped like the parameters: ``u_t`` per leaf, float32 for
+        parameters below 32 bits, else the parameter's real dtype.
+
+    Raises:
+        ValueError: If `state` holds no AdaMax state, or several.
+    """
+    inner = adamax_state(state)
 
     def leaf(v):
         if v is None:
             return None
-        if state.nu_scale is not None and nu_is_scaled(v.dtype):
-            return v.astype(jnp.float32) * state.nu_scale
+        if _codecs.is_encoded(v):
+            return _codecs.decode(v, compute_dtype(v.codes.dtype))
         return v
 
-    return jax.tree.map(leaf, state.nu, is_leaf=lambda x: x is None)
+    return jax.tree.map(leaf, inner.nu, is_leaf=_codecs_leaf)
+
+
+def _adam_like_states(state: Any) -> list[tuple[str, Any]]:
+    """States holding ``count``, ``mu`` and ``nu``: ours, and optax's ScaleByAdamState."""
+
+    def adam_like(x: Any) -> bool:
+        return isinstance(x, (ScaleByAdamaxState, optax.ScaleByAdamState))
+
+    found = jax.tree_util.tree_flatten_with_path(state, is_leaf=adam_like)[0]
+    return [(jax.tree_util.keystr(path), s) for path, s in found if adam_like(s)]
+
+
+def convert_state(
+    state: Any, opt: optax.GradientTransformation, params: optax.Params
+) -> optax.OptState:
+    """An AdaMax state, read the way it was written, in the layout `opt` gives `params`.
+
+    Use it to resume from an ``optax.adamax`` or ``optax.adamaxw`` state (any
+    dtype), or from a state of this package with other storage dtypes: the
+    moments are decoded to their values, then stored the way ``opt.init(params)``
+    stores them (with a fresh scale where the target layout has one). The step
+    count is carried over, and so is the count of a learning-rate schedule
+    (``optax.ScaleByScheduleState``) where both states hold exactly one; every
+    other part of the returned state is ``opt.init(params)``'s.
+
+    Args:
+        state: The state to convert: anything holding exactly one
+            :class:`ScaleByAdamaxState` or ``optax.ScaleByAdamState`` (the
+            state of ``optax.adamax(...)``, ``optax.adamaxw(...)``, a chain).
+        opt: The optimizer to continue with, holding exactly one
+            :class:`ScaleByAdamaxState`.
+        params: The parameters `opt` will update (arrays, or
+            ``jax.ShapeDtypeStruct``), shaped like the state's moments.
+
+    Returns:
+        A state with the structure of ``opt.init(params)``.
+
+    Raises:
+        ValueError: If either state holds no AdaMax state or several, or the
+            moments do not have the structure and shapes of `params` (the key
+            paths are named).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import optax
+        >>> import adamax_jax as ax
+        >>> params = {"w": jnp.ones(3)}
+        >>> old = optax.adamax(1e-3)
+        >>> state = old.init(params)
+        >>> _, state = old.update({"w": jnp.full(3, 0.5)}, state, params)
+        >>> new = ax.adamax(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+        >>> state = ax.convert_state(state, new, params)
+        >>> print(ax.infinity_norm(state)["w"])
+        [0.5 0.5 0.5]
+    """
+    found = _adam_like_states(state)
+    if len(found) != 1:
+        where = ", ".join(p or "<root>" for p, _ in found) or "nowhere"
+        raise ValueError(
+            "`state` must hold exactly one ScaleByAdamaxState or optax.ScaleByAdamState; "
+            f"found at: {where}."
+        )
+    source = found[0][1]
+    target = opt.init(params)
+    inner = adamax_state(target)
+    _validation.check_same_structure("state.mu", source.mu, "params", params)
+    _validation.check_same_structure("state.nu", source.nu, "params", params)
+
+    def moment(value: Any, template: Any, role: str) -> Any:
+        if template is None:
+            return None
+        real = _codecs.decode(value, compute_dtype(_codecs.storage_dtype(value)))
+        return _codecs.from_value(real, template, role)  # type: ignore[arg-type]
+
+    mu = jax.tree.map(lambda v, t: moment(v, t, "mu"), source.mu, inner.mu, is_leaf=is_leaf)
+    nu = jax.tree.map(lambda v, t: moment(v, t, "nu"), source.nu, inner.nu, is_leaf=is_leaf)
+    count = jnp.asarray(source.count).astype(inner.count.dtype)
+    converted = ScaleByAdamaxState(count=count, mu=mu, nu=nu)
+
+    def schedule_counts(tree: Any) -> list[Any]:
+        def is_schedule(x: Any) -> bool:
+            return isinstance(x, optax.ScaleByScheduleState)
+
+        return [s for s in jax.tree.leaves(tree, is_leaf=is_schedule) if is_schedule(s)]
+
+    old_schedule, new_schedule = schedule_counts(state), schedule_counts(target)
+
+    def replace(x: Any) -> Any:
+        if isinstance(x, ScaleByAdamaxState):
+            return converted
+        if isinstance(x, optax.ScaleByScheduleState) and len(old_schedule) == 1 == len(
+            new_schedule
+        ):
+            return optax.ScaleByScheduleState(
+                count=jnp.asarray(old_schedule[0].count).astype(x.count.dtype)
+            )
+        return x
+
+    def stop(x: Any) -> bool:
+        return isinstance(x, (ScaleByAdamaxState, optax.ScaleByScheduleState))
+
+    return jax.tree.map(replace, target, is_leaf=stop)
+
+
+class _DecayedWeightsState(NamedTuple):
+    """No state: the weight decay of :func:`adamaxw` keeps none."""
+
+
+def _add_decayed_weights(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
+    """``update + λ θ`` in the update's dtype (float32 at least in the aliases)."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("`adamaxw` needs `params` in `update` for its weight decay.")
+
+        def leaf(u, p):
+            if u is None:
+                return None
+            return u + jnp.asarray(weight_decay, u.dtype) * p.astype(u.dtype)
+
+        return jax.tree.map(leaf, updates, params, is_leaf=_is_none), state
+
+    decay = optax.GradientTransformation(init_fn, update_fn)
+    return optax.masked(decay, mask) if mask is not None else decay
 
 
 def _chain(
-    direction: optax.GradientTransformation,
+    b1: Any,
+    b2: Any,
+    eps: Any,
     learning_rate: optax.ScalarOrSchedule,
+    *,
+    nesterov: bool,
+    eps_mode: EpsMode,
+    complex_mode: ComplexMode,
+    mu_dtype: Any,
+    nu_dtype: Any,
+    compensated: bool,
     weight_decay: Any = None,
     mask: Any = None,
-    compensated: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
+    """The aliases: AdaMax, weight decay and the learning rate, rounded once.
+
+    The direction stays in float32 (or wider) through the weight decay and
+    the learning rate, so that bfloat16 or float16 parameters get one rounding
+    of ``α (d + λθ)``, not one of ``d``, one of ``α`` and one of the product.
+    """
     learning_rate = _validation.check_learning_rate(learning_rate)
     _validation.check_bool("compensated", compensated)
-    parts = [direction]
+    parts = [
+        _scale_by_adamax(
+            b1,
+            b2,
+            eps,
+            eps_mode=eps_mode,
+            nesterov=nesterov,
+            complex_mode=complex_mode,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            float32_updates=True,
+        )
+    ]
     if weight_decay is not None:
-        parts.append(optax.add_decayed_weights(weight_decay, mask))
+        parts.append(_add_decayed_weights(weight_decay, mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     if compensated:
+        # compensate_rounding rounds the float32 update itself, keeping what it drops.
         parts.append(compensate_rounding())
-    return optax.chain(*parts)
+    inner = optax.chain(*parts)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        updates = jax.tree.map(_as_leaf, updates, is_leaf=_is_none)
+        like = updates if params is None else jax.tree.map(_as_leaf, params, is_leaf=_is_none)
+        new, state = inner.update(updates, state, params, **extra_args)
+
+        def rounded(u, ref):
+            if u is None:
+                return None
+            dtype = jnp.dtype(ref.dtype)
+            if not jnp.issubdtype(dtype, jnp.inexact):
+                # Integer gradients without parameters: the update is float32.
+                dtype = jnp.dtype(u.dtype)
+            return u.astype(dtype)
+
+        return jax.tree.map(rounded, new, like, is_leaf=_is_none), state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def adamax(
@@ -314,16 +624,15 @@ def adamax(
         <https://arxiv.org/abs/1412.6980>`_, 2014 (Section 7.1, Algorithm 2).
     """
     return _chain(
-        scale_by_adamax(
-            b1,
-            b2,
-            eps,
-            eps_mode=eps_mode,
-            complex_mode=complex_mode,
-            mu_dtype=mu_dtype,
-            nu_dtype=nu_dtype,
-        ),
+        b1,
+        b2,
+        eps,
         learning_rate,
+        nesterov=False,
+        eps_mode=eps_mode,
+        complex_mode=complex_mode,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
         compensated=compensated,
     )
 
@@ -386,19 +695,18 @@ def adamaxw(
     """
     weight_decay = _validation.check_finite("weight_decay", weight_decay)
     return _chain(
-        scale_by_adamax(
-            b1,
-            b2,
-            eps,
-            eps_mode=eps_mode,
-            complex_mode=complex_mode,
-            mu_dtype=mu_dtype,
-            nu_dtype=nu_dtype,
-        ),
+        b1,
+        b2,
+        eps,
         learning_rate,
+        nesterov=False,
+        eps_mode=eps_mode,
+        complex_mode=complex_mode,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        compensated=compensated,
         weight_decay=weight_decay,
         mask=mask,
-        compensated=compensated,
     )
 
 
@@ -459,17 +767,15 @@ def nadamax(
         workshop.
     """
     return _chain(
-        scale_by_adamax(
-            b1,
-            b2,
-            eps,
-            eps_mode=eps_mode,
-            nesterov=True,
-            complex_mode=complex_mode,
-            mu_dtype=mu_dtype,
-            nu_dtype=nu_dtype,
-        ),
+        b1,
+        b2,
+        eps,
         learning_rate,
+        nesterov=True,
+        eps_mode=eps_mode,
+        complex_mode=complex_mode,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
         compensated=compensated,
     )
 

@@ -10,13 +10,18 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
+def is_leaf(x: Any) -> bool:
+    """A leaf of a parameter-shaped tree: None, or a stored moment with its scale."""
+    return x is None or getattr(x, "__adamax_moment__", False)
+
+
 def map_unzip(fn: Callable[..., tuple], n: int, primary: Any, *rest: Any) -> tuple[Any, ...]:
     """Maps `fn` over the leaves of `primary` and `rest`; returns `n` trees.
 
     ``None`` in `primary` is a leaf, handed to `fn` with the matching leaves of
     `rest`; its results (one per output) take its place in each output tree.
     """
-    leaves, treedef = jax.tree.flatten(primary, is_leaf=_is_none)
+    leaves, treedef = jax.tree.flatten(primary, is_leaf=is_leaf)
     others = [treedef.flatten_up_to(tree) for tree in rest]
     results = [fn(*args) for args in zip(leaves, *others, strict=True)]
     return tuple(jax.tree.unflatten(treedef, [r[i] for r in results]) for i in range(n))

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamax_jax._tree import is_leaf
+
 INT32_MAX = int(np.iinfo(np.int32).max)
 
 # The storage dtypes of the moments. Complex ones only for complex parameters
@@ -123,30 +125,47 @@ def check_interval(
         high_open: Whether `high` itself is refused.
 
     Returns:
-        The value as a Python float, or a traced value as a 0-d array.
+        The value as a Python float, or a traced value as a 0-d array. One
+        exception, for the open bound: a concrete float32 JAX array equal to
+        `high` (as ``optax.inject_hyperparams`` makes of β₁ = 1 - 1e-8) is
+        returned as a 0-d array, to be read as the nearest float32 below it,
+        as it is when traced.
 
     Raises:
-        ValueError: If `value` is not one real number, or is outside the interval.
+        ValueError: If `value` is not one real number, or is outside the
+            interval (for a NumPy or narrower-than-float32 value that rounded
+            to the open bound, the message says how to keep it below).
     """
 
     def inside(x: float) -> bool:
         return low <= x < high if high_open else low <= x <= high
 
     bracket = ")" if high_open else "]"
+    dtype = getattr(value, "dtype", None)
+    narrow = (
+        high_open
+        and dtype is not None
+        and jnp.issubdtype(dtype, jnp.floating)
+        and jnp.finfo(dtype).bits < 64
+        and not is_traced(value)
+        and _scalar(name, value) == high
+    )
+    if narrow and isinstance(value, jax.Array) and jnp.dtype(dtype) == jnp.float32:
+        # `optax.inject_hyperparams` hands over float32 arrays, in which
+        # β₁ = 1 - 1e-8 is 1. Such an array is read as the nearest float32
+        # below 1 (see `b1_terms`), concrete as when traced under jit.
+        return jnp.reshape(value, ())
     try:
         return _checked(name, value, inside, f"in [{low:g}, {high:g}{bracket}")
     except ValueError as e:
-        dtype = getattr(value, "dtype", None)
-        narrow = dtype is not None and jnp.issubdtype(dtype, jnp.floating)
-        if high_open and narrow and jnp.finfo(dtype).bits < 64 and _scalar(name, value) == high:
-            # As `optax.inject_hyperparams` makes float32 arrays of β₁ = 1 - 1e-8.
-            raise ValueError(
-                f"{e.args[0]} A value this close to {high:g} is {high:g} in {jnp.dtype(dtype)}: "
-                "give it as a Python float, or as a float64 array (with "
-                "`optax.inject_hyperparams(..., hyperparam_dtype=jnp.float64)` under "
-                "`jax_enable_x64`)."
-            ) from None
-        raise
+        if not narrow:
+            raise
+        raise ValueError(
+            f"{e.args[0]} A value this close to {high:g} is {high:g} in {jnp.dtype(dtype)}: "
+            "give it as a Python float or a float64 value (with "
+            "`optax.inject_hyperparams(..., hyperparam_dtype=jnp.float64)` under "
+            "`jax_enable_x64`)."
+        ) from None
 
 
 def check_nonnegative_finite(name: str, value: Any) -> Any:
@@ -311,7 +330,8 @@ def check_storage_dtypes(params: Any, **dtypes: Any) -> None:
 
 
 def _is_none(x: Any) -> bool:
-    return x is None
+    # None, and a stored moment with its scale, are leaves of a parameter-shaped tree.
+    return is_leaf(x)
 
 
 def _paths(tree: Any) -> dict[str, Any]:

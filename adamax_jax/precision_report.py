@@ -35,7 +35,7 @@ import optax
 
 import adamax_jax as ax
 from adamax_jax._core import adamax_leaf
-from adamax_jax._precision import advance_nu_scale, state_bytes
+from adamax_jax._precision import state_bytes
 
 STEPS = 10_000
 BURST_STEPS = 10
@@ -68,40 +68,34 @@ def _ablation(
     """AdaMax with `dtype` state stored by the given roundings, for arrays only."""
 
     def init_fn(params):
+        nu = jnp.zeros(params.shape, dtype)
         return ax.ScaleByAdamaxState(
             count=jnp.zeros([], jnp.int32),
             mu=jnp.zeros(params.shape, dtype),
-            nu=jnp.zeros(params.shape, dtype),
-            nu_scale=jnp.ones([], jnp.float32) if scaled else None,
+            nu=ax.EncodedMoment(nu, jnp.ones([], jnp.float32)) if scaled else nu,
         )
 
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
-        scale = gain = shift = None
-        if scaled:
-            scale, gain, shift = advance_nu_scale(state.nu_scale, B2)
         # Handing the leaf float32 state makes its own stores exact, so that
         # the roundings below are the only ones.
+        nu = state.nu
+        nu32 = (
+            ax.EncodedMoment(nu.codes.astype(jnp.float32), nu.scale)
+            if scaled
+            else nu.astype(jnp.float32)
+        )
         direction, m, v = adamax_leaf(
-            updates,
-            state.mu.astype(jnp.float32),
-            state.nu.astype(jnp.float32),
-            count,
-            b1=B1,
-            b2=B2,
-            eps=EPS,
-            nu_gain=gain,
-            nu_decay=shift,
+            updates, state.mu.astype(jnp.float32), nu32, count, b1=B1, b2=B2, eps=EPS
         )
         key_m, key_v = jax.random.split(jax.random.fold_in(jax.random.key(1), count))
-        new_state = ax.ScaleByAdamaxState(
-            count=count,
-            mu=mu_store(m, state.mu, key_m),
-            nu=nu_store(v, state.nu, key_v),
-            nu_scale=scale,
-        )
-        return direction, new_state
+        if scaled:
+            new_nu = ax.EncodedMoment(nu_store(v.codes, nu.codes, key_v), v.scale)
+        else:
+            new_nu = nu_store(v, nu, key_v)
+        new_state = ax.ScaleByAdamaxState(count=count, mu=mu_store(m, state.mu, key_m), nu=new_nu)
+        return direction.astype(updates.dtype), new_state
 
     return optax.chain(
         optax.GradientTransformation(init_fn, update_fn),

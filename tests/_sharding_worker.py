@@ -124,15 +124,31 @@ def param_like_trees(state):
     trees = {}
     for node in _nodes(state):
         if isinstance(node, ax.ScaleByAdamaxState):
-            trees["mu"], trees["nu"] = node.mu, node.nu
+            trees["mu"], trees["nu"] = _codes(node.mu), _codes(node.nu)
         elif isinstance(node, CompensateRoundingState):
             trees["compensation"] = node.compensation
     return trees
 
 
+def _is_moment(x):
+    return isinstance(x, ax.EncodedMoment)
+
+
+def _codes(tree):
+    """The parameter-shaped codes of a tree of moments."""
+    return jax.tree.map(lambda x: x.codes if _is_moment(x) else x, tree, is_leaf=_is_moment)
+
+
 def scalars(state):
+    """The scalars of the AdaMax state: the count, and the scale of every encoded moment."""
     node = next(n for n in _nodes(state) if isinstance(n, ax.ScaleByAdamaxState))
-    return {k: v for k, v in (("count", node.count), ("nu_scale", node.nu_scale)) if v is not None}
+    out = {"count": node.count}
+    for name, tree in (("mu", node.mu), ("nu", node.nu)):
+        leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_moment)[0]
+        for path, x in leaves:
+            if _is_moment(x):
+                out[f"{name}{jax.tree_util.keystr(path)}.scale"] = x.scale
+    return out
 
 
 def step_fn(opt):

@@ -113,10 +113,11 @@ def test_state_bytes_per_parameter(quick):
         # Two float32 moments and an int32 step count.
         assert rows[benchmark.OURS]["state_bytes"] == 8 * n + 4
         assert rows[benchmark.OPTAX]["state_bytes"] == 8 * n + 4
-        # Two bfloat16 moments, the step count and the float32 scale of ν.
-        assert rows[benchmark.OURS_BF16]["state_bytes"] == 4 * n + 4 + 4
+        # Two bfloat16 moments, the step count and the float32 scale of each ν.
+        assert rows[benchmark.OURS_BF16]["state_bytes"] == 4 * n + 4 + 4 * tree["n_leaves"]
         assert rows[benchmark.OURS]["state_x_params"] == pytest.approx(2.0, abs=1e-4)
-        assert rows[benchmark.OURS_BF16]["state_x_params"] == pytest.approx(1.0, abs=1e-4)
+        expected = (4 * n + 4 + 4 * tree["n_leaves"]) / (4 * n)
+        assert rows[benchmark.OURS_BF16]["state_x_params"] == pytest.approx(expected, abs=1e-4)
         for name in TORCH_ROWS:
             if name in rows:
                 # Two moments and one step tensor per parameter tensor.

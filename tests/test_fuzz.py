@@ -316,6 +316,10 @@ def test_fuzz_hyperparameter_forms_checked_at_build_time(data):
     forms = {**FLOAT32_FORMS, **NOT_SCALAR_FORMS}
     if not math.isfinite(value):
         del forms["fraction"]  # holds finite numbers only
+    if name == "b1" and value == 1.0:
+        # A float32 JAX array of β₁ = 1 is read as the nearest float32 below 1,
+        # as inject_hyperparams delivers β₁ = 1 - 1e-8 (tests/test_validation.py).
+        del forms["jnp-0d"], forms["jnp-1"]
     form = data.draw(st.sampled_from(sorted(forms)))
     with np.errstate(over="ignore"):
         given_value = forms[form](value)
@@ -372,7 +376,10 @@ def _four_steps_finite(factory, param_dtype, mu_dtype, nu_dtype, grad_kind, pyth
         }
         updates, state = opt.update(grads, state, params)
         assert _all_finite(updates), (step, grads, updates)
-        params = optax.apply_updates(params, updates)
+        # optax adds a float32 update (of a Python-float gradient, say) to a
+        # bfloat16 parameter by implicit promotion, which strict mode forbids.
+        with jax.numpy_dtype_promotion("standard"):
+            params = optax.apply_updates(params, updates)
         assert _all_finite(params), (step, grads, params)
 
 

@@ -362,4 +362,5 @@ def test_scale_by_adamax_sign_and_state_layout():
     u, state = tx.update(jnp.array([0.5, -0.5]), state, p)
     np.testing.assert_allclose(u, [1.0, -1.0], rtol=1e-6)
     np.testing.assert_allclose(state.nu, [0.5, 0.5])
-    assert state.nu_scale is None
+    assert state._fields == ("count", "mu", "nu")
+    assert not isinstance(state.nu, ax.EncodedMoment)
