@@ -50,11 +50,14 @@ class ScaleByAdamaxState(NamedTuple):
     nu: optax.Updates
 
 
-def _check_hyperparameters(b1: Any, b2: Any, eps: Any, eps_mode: Any) -> None:
-    _validation.check_interval("b1", b1, 0.0, 1.0, high_open=True)
-    _validation.check_interval("b2", b2, 0.0, 1.0)
-    _validation.check_nonnegative_finite("eps", eps)
+def _check_hyperparameters(b1: Any, b2: Any, eps: Any, eps_mode: Any) -> tuple[Any, Any, Any]:
+    """β₁, β₂ and ε read as Python floats (traced ones as 0-d arrays), range-checked."""
     _validation.check_choice("eps_mode", eps_mode, EPS_MODES)
+    return (
+        _validation.check_interval("b1", b1, 0.0, 1.0, high_open=True),
+        _validation.check_interval("b2", b2, 0.0, 1.0),
+        _validation.check_nonnegative_finite("eps", eps),
+    )
 
 
 def _guard_zero_denominator(eps: Any, eps_mode: str) -> bool:
@@ -191,7 +194,7 @@ def _scale_by_adamax(
     The aliases use the latter, so that the learning rate and weight decay act
     on the float32 direction and a low-precision update is rounded once.
     """
-    _check_hyperparameters(b1, b2, eps, eps_mode)
+    b1, b2, eps = _check_hyperparameters(b1, b2, eps, eps_mode)
     _validation.check_bool("nesterov", nesterov)
     _validation.check_choice("complex_mode", complex_mode, COMPLEX_MODES)
     _validation.check_dtype("mu_dtype", mu_dtype)
@@ -201,6 +204,7 @@ def _scale_by_adamax(
     def init_fn(params: optax.Params) -> ScaleByAdamaxState:
         params = jax.tree.map(_as_leaf, params, is_leaf=_is_none)
         _validation.check_trainable(params)
+        _validation.check_storage_dtypes(params, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
         def mu_leaf(p):
             dtype = jnp.dtype(p.dtype) if mu_dtype is None else jnp.dtype(mu_dtype)
@@ -510,7 +514,7 @@ def _chain(
     the learning rate, so that bfloat16 or float16 parameters get one rounding
     of ``α (d + λθ)``, not one of ``d``, one of ``α`` and one of the product.
     """
-    _validation.check_learning_rate(learning_rate)
+    learning_rate = _validation.check_learning_rate(learning_rate)
     _validation.check_bool("compensated", compensated)
     parts = [
         _scale_by_adamax(
@@ -695,7 +699,7 @@ def adamaxw(
         Loshchilov & Hutter, `Decoupled Weight Decay Regularization
         <https://arxiv.org/abs/1711.05101>`_, 2019.
     """
-    _validation.check_finite("weight_decay", weight_decay)
+    weight_decay = _validation.check_finite("weight_decay", weight_decay)
     return _chain(
         b1,
         b2,
@@ -782,17 +786,46 @@ def nadamax(
     )
 
 
-def _as_tree(x: Any) -> Any:
-    """Lists and tuples of numbers become arrays, as NumPy would read them."""
+def _as_tree(name: str, x: Any) -> Any:
+    """`x` with arrays for leaves; integer leaves promoted to the default float dtype.
+
+    A list or tuple of numbers is one array, as NumPy reads it (a NamedTuple
+    stays a pytree node). Integer leaves become floating point as JAX promotes
+    an integer array with a Python float (float32, or float64 under
+    ``jax_enable_x64``), so that no result is ever truncated to an integer.
+    """
 
     def numeric(y: Any) -> bool:
         if isinstance(y, (list, tuple)) and not hasattr(y, "_fields"):
             return all(numeric(z) for z in y)
-        return isinstance(y, numbers.Number)
+        return isinstance(y, numbers.Number) and not isinstance(y, bool)
 
     if isinstance(x, (list, tuple)) and not hasattr(x, "_fields") and x and numeric(x):
-        return jnp.asarray(np.asarray(x, dtype=np.result_type(*np.ravel(x), np.float32)))
-    return jax.tree.map(jnp.asarray, x)
+        x = np.asarray(x, dtype=np.result_type(*np.ravel(x), np.float32))
+
+    def leaf(path: Any, y: Any) -> Any:
+        if y is None:
+            return None
+        dtype = None
+        if not isinstance(y, (bool, np.bool_, str, bytes)):
+            try:
+                y = jnp.asarray(y)
+                dtype = y.dtype
+            except TypeError:  # not an array JAX can hold
+                pass
+        if dtype is None or not (
+            jnp.issubdtype(dtype, jnp.inexact) or jnp.issubdtype(dtype, jnp.integer)
+        ):
+            raise TypeError(
+                f"`{name}`{jax.tree_util.keystr(path)} must hold real or complex numbers, "
+                f"got {y!r}."
+            )
+        if jnp.issubdtype(dtype, jnp.integer):
+            with jax.numpy_dtype_promotion("standard"):
+                y = y.astype(jnp.result_type(dtype, float))
+        return y
+
+    return jax.tree_util.tree_map_with_path(leaf, x, is_leaf=lambda y: y is None)
 
 
 def adamax_step(
@@ -820,21 +853,36 @@ def adamax_step(
     with ε placed by `eps_mode` as in :func:`adamax`. The same equations as the
     optax transformations, for code that keeps its own state.
 
+    Integer leaves of `param`, `grad`, `m` and `u` are promoted as JAX
+    promotes an integer array with a Python float (to float32, or float64
+    under ``jax_enable_x64``), so ``adamax_step(1, 0.1, 0, 0, 1)`` gives the
+    float32 0.998, never a truncated integer. Every other leaf keeps its dtype.
+
     Args:
         param: θ: a number, a (nested) list of numbers, an array or a pytree.
         grad: g, shaped like `param`.
         m: The first moment, shaped like `param`.
         u: The infinity norm, shaped like `param`.
-        t: The 1-based step number.
-        learning_rate: α.
+        t: The 1-based step number: an integer >= 1, of any integer type, or a
+            float with an integral value; past ``2**31 - 1`` it is read as
+            ``2**31 - 1``, where the step counter of the transformations
+            saturates. A traced `t` cannot be checked: where it is not an
+            integer >= 1 the returned parameter is NaN.
+        learning_rate: α, a real number finite in float32.
         b1: β₁, in [0, 1).
         b2: β₂, in [0, 1].
-        eps: ε, finite and >= 0.
+        eps: ε, >= 0 and finite in float32.
         eps_mode: "denominator", "inside_max" or "none".
 
     Returns:
         ``(param, m, u)`` after the step, as arrays in pytrees shaped like
         `param`.
+
+    Raises:
+        ValueError: If a concrete hyperparameter or `t` breaks the rules above
+            (naming it), or `grad`, `m` or `u` is not shaped like `param`.
+        TypeError: If a leaf of `param`, `grad`, `m` or `u` is boolean or not
+            a number (naming the argument and the key path).
 
     Examples:
         >>> from adamax_jax import adamax_step
@@ -842,18 +890,15 @@ def adamax_step(
         >>> print(f"{param:.4f} {m:.4f} {u:.4f}")
         0.9980 0.0100 0.1000
     """
-    _check_hyperparameters(b1, b2, eps, eps_mode)
-    _validation.check_finite("learning_rate", learning_rate)
-    if isinstance(t, numbers.Integral) and t < 1:
-        raise ValueError(f"`t` is the 1-based step and must be >= 1, got {t!r}.")
-    param, grad, m, u = (_as_tree(x) for x in (param, grad, m, u))
+    b1, b2, eps = _check_hyperparameters(b1, b2, eps, eps_mode)
+    learning_rate = _validation.check_finite("learning_rate", learning_rate)
+    count, valid = _validation.check_step(t)
+    param, grad, m, u = (
+        _as_tree(name, x) for name, x in (("param", param), ("grad", grad), ("m", m), ("u", u))
+    )
     for name, tree in (("grad", grad), ("m", m), ("u", u)):
         _validation.check_same_structure(name, tree, "param", param)
-    # The step counter of the transformations saturates at the int32 maximum;
-    # so does `t`, where 1 - β₁^t is 1 in any float dtype already.
-    if isinstance(t, numbers.Integral):
-        t = min(t, int(np.iinfo(np.int32).max))
-    count = jnp.asarray(t, jnp.int32)
+    count = jnp.asarray(count, jnp.int32)
     guard = _guard_zero_denominator(eps, eps_mode)
 
     def leaf(p, g, m_, u_):
@@ -863,6 +908,9 @@ def adamax_step(
             g, m_, u_, count, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode, guard_zero=guard
         )
         lr = jnp.asarray(learning_rate, jnp.finfo(direction.dtype).dtype).astype(direction.dtype)
-        return (p.astype(direction.dtype) - lr * direction).astype(p.dtype), m_new, u_new
+        new = p.astype(direction.dtype) - lr * direction
+        if valid is not None:
+            new = jnp.where(valid, new, jnp.full_like(new, jnp.nan))
+        return new.astype(p.dtype), m_new, u_new
 
     return map_unzip(leaf, 3, param, grad, m, u)
