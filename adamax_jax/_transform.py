@@ -118,7 +118,7 @@ def scale_by_adamax(
     Args:
         b1: Decay of the first moment, in [0, 1).
         b2: Decay of the infinity norm, in [0, 1].
-        eps: ε, finite and >= 0; where it goes depends on `eps_mode`.
+        eps: ε, >= 0 and finite in float32; where it goes depends on `eps_mode`.
         eps_mode: "denominator" (``m̂/(u + ε)``), "inside_max"
             (``u = max(β₂u, |g| + ε)``, ``m̂/u``) or "none" (the paper's rule).
         nesterov: Use Nesterov momentum (NadaMax), see :func:`nadamax`.
@@ -273,9 +273,12 @@ def _scale_by_adamax(
                 guard_zero=guard,
                 corrections=corrections[rdt],
             )
-            if not float32_updates:
-                direction = direction.astype(g.dtype)
-            return reshard_like(direction, g), m_new, v_new
+            if float32_updates:
+                # The aliases keep the update in the state's layout through the weight
+                # decay, the learning rate and compensate_rounding, and hand it back
+                # in the parameters' layout once, at the end: one gather, not two.
+                return direction, m_new, v_new
+            return reshard_like(direction.astype(g.dtype), g), m_new, v_new
 
         results = [
             leaf(path, m, g, v, p) for (path, m), g, v, p in zip(paths, grads, nus, ps, strict=True)
@@ -410,9 +413,8 @@ def convert_state(
         >>> import optax
         >>> import adamax_jax as ax
         >>> params = {"w": jnp.ones(3)}
-        >>> old = optax.adamax(1e-3)
-        >>> state = old.init(params)
-        >>> _, state = old.update({"w": jnp.full(3, 0.5)}, state, params)
+        >>> count, mu, nu = jnp.array(1), {"w": jnp.full(3, 0.05)}, {"w": jnp.full(3, 0.5)}
+        >>> state = (optax.ScaleByAdamState(count, mu, nu), optax.EmptyState())
         >>> new = ax.adamax(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
         >>> state = ax.convert_state(state, new, params)
         >>> print(ax.infinity_norm(state)["w"])
@@ -435,6 +437,9 @@ def convert_state(
         if template is None:
             return None
         real = _codecs.decode(value, compute_dtype(_codecs.storage_dtype(value)))
+        if jnp.iscomplexobj(real) and not jnp.iscomplexobj(_codecs.stored_values(template)):
+            # optax keeps ν of a complex parameter as complex numbers: u and 0j.
+            real = real.real
         return _codecs.from_value(real, template, role)  # type: ignore[arg-type]
 
     mu = jax.tree.map(lambda v, t: moment(v, t, "mu"), source.mu, inner.mu, is_leaf=is_leaf)
@@ -485,7 +490,7 @@ def _add_decayed_weights(weight_decay: Any, mask: Any) -> optax.GradientTransfor
         def leaf(u, p):
             if u is None:
                 return None
-            return u + jnp.asarray(weight_decay, u.dtype) * p.astype(u.dtype)
+            return u + jnp.asarray(weight_decay, u.dtype) * reshard_like(p, u).astype(u.dtype)
 
         return jax.tree.map(leaf, updates, params, is_leaf=_is_none), state
 
@@ -551,7 +556,7 @@ def _chain(
             if not jnp.issubdtype(dtype, jnp.inexact):
                 # Integer gradients without parameters: the update is float32.
                 dtype = jnp.dtype(u.dtype)
-            return u.astype(dtype)
+            return reshard_like(u.astype(dtype), ref)
 
         return jax.tree.map(rounded, new, like, is_leaf=_is_none), state
 
@@ -598,7 +603,7 @@ def adamax(
         learning_rate: α, a number or an ``optax`` schedule.
         b1: β₁, the decay of the first moment, in [0, 1).
         b2: β₂, the decay of the infinity norm, in [0, 1].
-        eps: ε, finite and >= 0.
+        eps: ε, >= 0 and finite in float32.
         eps_mode: "denominator", "inside_max" or "none", as above.
         complex_mode: "modulus" or "split", see :func:`scale_by_adamax`.
         mu_dtype: Storage dtype of the first moment; defaults to the parameter's.
@@ -670,8 +675,8 @@ def adamaxw(
         learning_rate: α, a number or an ``optax`` schedule.
         b1: β₁, in [0, 1).
         b2: β₂, in [0, 1].
-        eps: ε, finite and >= 0.
-        weight_decay: λ, finite.
+        eps: ε, >= 0 and finite in float32.
+        weight_decay: λ, finite in float32.
         mask: A pytree of booleans, or a callable returning one from the
             parameters, saying which leaves decay; as in
             ``optax.add_decayed_weights``.
@@ -746,7 +751,7 @@ def nadamax(
         learning_rate: α, a number or an ``optax`` schedule.
         b1: β₁, in [0, 1).
         b2: β₂, in [0, 1].
-        eps: ε, finite and >= 0.
+        eps: ε, >= 0 and finite in float32.
         eps_mode: "denominator", "inside_max" or "none".
         complex_mode: "modulus" or "split", see :func:`scale_by_adamax`.
         mu_dtype: Storage dtype of the first moment.

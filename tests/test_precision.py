@@ -673,8 +673,9 @@ NU_DTYPES = [F32, BF16, F16]
 
 
 def _nu_rtol(dtype):
-    # Half a unit in the last place of the stored ν, relative; float32 arithmetic otherwise.
-    return {F32: 1e-5, BF16: 2.0**-8, F16: 2.0**-10}[dtype]
+    # A stored 16-bit ν is rounded up, never below the gradient it holds: at most one unit
+    # in the last place above u, relative; float32 arithmetic otherwise.
+    return {F32: 1e-5, BF16: 2.0**-7, F16: 2.0**-9}[dtype]
 
 
 @pytest.mark.parametrize("nu_dtype", NU_DTYPES)
@@ -692,14 +693,10 @@ def test_u_after_a_large_then_a_small_gradient(b2, nu_dtype):
         _, state = opt.update(jnp.full(3, g, F32), state, params)
         expected = max(b2 * expected, g)
         u = np.asarray(ax.infinity_norm(state[0]), np.float64)
-        np.testing.assert_allclose(
-            u,
-            expected,
-            rtol=_nu_rtol(nu_dtype),
-            atol=atol,
-            err_msg=f"u after gradients up to {g} of 1, 0.01, 0; β₂ = {b2}, "
-            f"ν in {jnp.dtype(nu_dtype).name}",
-        )
+        message = f"u after gradients up to {g} of 1, 0.01, 0; β₂ = {b2}, ν in {nu_dtype}"
+        np.testing.assert_allclose(u, expected, rtol=_nu_rtol(nu_dtype), atol=atol, err_msg=message)
+        # Never below: only the float32 rounding of the decay, and an underflow.
+        assert np.all(u >= expected * (1 - 1e-6) - atol), message
 
 
 @pytest.mark.parametrize("nu_dtype", NU_DTYPES)

@@ -10,6 +10,9 @@ Three kinds of fenced block are run:
   (``...`` matches anything, runs of whitespace are equal);
 - the ```` ```pycon ```` blocks (``>>>``) of a page run as one doctest, in order.
 
+A ```` ```py ```` block is a fragment of a larger program (a step of a recipe whose whole
+program is run elsewhere, as the resuming page's is by tests/test_resume.py): shown, not run.
+
 Each runs in a fresh interpreter, with warnings as errors, from a temporary directory.
 """
 
