@@ -392,9 +392,10 @@ def test_explicit_zero1_default_step_matches_auto_and_by_hand(resumed, name):
     assert record["default"]["state_specs"]["[0].mu['b']"] == "P(('model', 'data'),)"
 
 
-def test_explicit_zero1_default_step_moves_no_more_than_by_hand(resumed):
+@pytest.mark.parametrize("name", ["adamax", "compensated-bf16"])
+def test_explicit_zero1_default_step_moves_no_more_than_by_hand(resumed, name):
     _, facts, _, _ = resumed
-    record = facts["restore8"]["explicit"]["adamax/explicit"]
+    record = facts["restore8"]["explicit"][f"{name}/explicit"]
     default, by_hand = record["default"], record["by_hand"]
     # ZeRO-1 gathers the updates: there must be collectives, and no more of them.
     assert by_hand["collectives"], by_hand
