@@ -26,10 +26,6 @@ Role = Literal["mu", "nu"]
 SCALED = "scaled"
 CODECS: tuple[str, ...] = (SCALED,)
 
-# A float16 code is kept at most this large, so that a gradient that passes the
-# float16 range moves the scale instead of overflowing the store.
-_FLOAT16_LIMIT = 2.0**14
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +65,11 @@ def codec_for(storage_dtype: jax.typing.DTypeLike, role: Role) -> str | None:
     """The codec of a moment stored in `storage_dtype`, or None for a plain array.
 
     ν below 32 bits is scaled, so that its per-step decay (far below half a unit
-    in the last place for the usual β₂) is not rounded away; μ in float16 is
-    scaled, so that it cannot overflow float16's narrow range. bfloat16 μ has
-    float32's range and is a plain array.
+    in the last place for the usual β₂) is not rounded away. μ below 32 bits is
+    a plain array: its rounding rule needs no scale.
     """
     dtype = jnp.dtype(storage_dtype)
-    if not below_32_bits(dtype):
-        return None
-    if role == "nu" or dtype == jnp.float16:
+    if role == "nu" and below_32_bits(dtype):
         return SCALED
     return None
 
@@ -120,14 +113,10 @@ def check_moment(x: Any, where: str, role: Role) -> None:
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise ValueError(f"`{where}` is a {dtype} array; a moment must be floating point.")
         if codec_for(dtype, role) is not None:
-            why = (
-                "its decay would round away and it would never decrease"
-                if role == "nu"
-                else "it would overflow float16's range"
-            )
             raise ValueError(
                 f"`{where}` is a plain {dtype} array. A {role} stored in {dtype} must carry "
-                f"its scale (an `EncodedMoment`, as `opt.init` makes it), or {why}. {convert}"
+                "its scale (an `EncodedMoment`, as `opt.init` makes it), or its decay would "
+                f"round away and it would never decrease. {convert}"
             )
         return
     if x.codec not in CODECS:
@@ -138,10 +127,11 @@ def check_moment(x: Any, where: str, role: Role) -> None:
             f"`{where}.codes` is {codes}, but the {x.codec!r} codec stores a real floating "
             f"dtype: a cast changed it. {convert}"
         )
-    if not jnp.issubdtype(scale, jnp.floating) or jnp.shape(x.scale) != ():
+    if scale != jnp.float32 or jnp.shape(x.scale) != ():
         raise ValueError(
-            f"`{where}.scale` must be a floating scalar, got {scale} of shape "
-            f"{jnp.shape(x.scale)}. {convert}"
+            f"`{where}.scale` must be a float32 scalar, got {scale} of shape "
+            f"{jnp.shape(x.scale)}: a cast changed it (cast the state back, or convert it). "
+            f"{convert}"
         )
 
 
@@ -166,24 +156,18 @@ def _pow2_at_least(ratio: jax.Array) -> jax.Array:
     return jnp.ldexp(jnp.float32(1), j)
 
 
-def next_scale(
-    x: Any, role: Role, b2: jax.typing.ArrayLike, magnitude: jax.Array | None
-) -> jax.Array | None:
-    """The scale for this step's store of a scaled moment; None for a plain one.
+def next_scale(x: Any, role: Role, b2: jax.typing.ArrayLike) -> jax.Array | None:
+    """The scale for this step's store of a scaled ν; None for a plain moment.
 
-    For ν the decay is carried by the scale: ``s' = s β₂ 2^j`` with ``j >= 0``
-    the smallest that keeps ``s' >= 1``, so that a stored value that is not
+    The decay is carried by the scale: ``s' = s β₂ 2^j`` with ``j >= 0`` the
+    smallest that keeps ``s' >= 1``, so that a stored value that is not
     replaced is multiplied by the exact power of two ``2^-j`` (once every
-    ``log 2 / -log β₂`` steps) and keeps its bits. For μ the scale is a power of
-    two. In float16 the scale is also large enough that the largest magnitude
-    of this step stays below 2^14 in the codes: a gradient past float16's range
-    moves the scale (exactly, by a power of two) instead of overflowing.
+    ``log 2 / -log β₂`` steps) and keeps its bits.
 
     Args:
         x: The stored moment.
         role: "mu" or "nu".
-        b2: β₂, for ν.
-        magnitude: ``|g|`` (ν) or ``|g|`` (μ) of this step, in float32 or wider.
+        b2: β₂.
 
     Returns:
         A float32 scalar, or None.
@@ -192,15 +176,10 @@ def next_scale(
         return None
     scale = x.scale.astype(jnp.float32)
     decayed = scale * jnp.asarray(b2, jnp.float32) if role == "nu" else scale
-    need = jnp.float32(1)
-    if jnp.dtype(x.codes.dtype) == jnp.float16 and magnitude is not None:
-        peak = jnp.max(magnitude, initial=0.0).astype(jnp.float32) / jnp.float32(_FLOAT16_LIMIT)
-        need = jnp.maximum(need, jnp.minimum(peak, jnp.finfo(jnp.float32).max))
-    # β₂ = 0 leaves nothing to decay: any scale will do; take the least.
+    # β₂ = 0 leaves nothing to decay: any scale will do; take 1.
     positive = decayed > 0
     base = jnp.where(positive, decayed, jnp.float32(1))
-    grown = base * _pow2_at_least(need / base)
-    return jnp.where(positive, grown, _pow2_at_least(need))
+    return jnp.where(positive, base * _pow2_at_least(1 / base), jnp.float32(1))
 
 
 @jax.custom_jvp
@@ -234,6 +213,7 @@ def encode(
     role: Role,
     scale: jax.Array | None,
     floor: jax.Array | None = None,
+    salt: jax.typing.ArrayLike = 0,
 ) -> Any:
     """Stores `value` in the layout and dtype of `previous`.
 
@@ -252,6 +232,7 @@ def encode(
         role: "mu" or "nu".
         scale: :func:`next_scale` of `previous`.
         floor: The least value a stored ν may read back as.
+        salt: Differs from step to step (the count), for μ's rounding draw.
 
     Returns:
         The stored moment, in the layout of `previous`.
@@ -264,7 +245,7 @@ def encode(
         if floor is not None:
             floor = floor / scale.astype(rdt)
     if role == "mu":
-        codes = store_moment(value, plain)
+        codes = store_moment(value, plain, salt)
     else:
         codes = value.astype(dtype)
         if floor is not None and below_32_bits(dtype) and not jnp.iscomplexobj(codes):
@@ -300,5 +281,5 @@ def from_value(value: jax.Array, template: Any, role: Role) -> Any:
     fresh = EncodedMoment(
         codes=template.codes, scale=jnp.ones([], jnp.float32), codec=template.codec
     )
-    scale = next_scale(fresh, role, 1.0, mag.astype(jnp.float32))
+    scale = next_scale(fresh, role, 1.0)
     return encode(value, fresh, role, scale, floor=mag if role == "nu" else None)

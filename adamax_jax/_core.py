@@ -177,6 +177,10 @@ def adamax_leaf(
         mag = _split_apply(jnp.abs, gc)
     else:
         mag = jnp.abs(gc)
+        if jnp.issubdtype(cdt, jnp.complexfloating):
+            # The modulus of a complex number with both parts near the largest
+            # finite value is past it; u holds that largest value instead.
+            mag = jnp.minimum(mag, jnp.asarray(jnp.finfo(rdt).max, rdt))
     if eps_mode == "inside_max":
         mag = mag + (lax.complex(eps_r, eps_r) if split else eps_r)
     decay = jnp.asarray(b2, rdt)
@@ -186,9 +190,9 @@ def adamax_leaf(
         )
     else:
         v_new = jnp.maximum(mag, decay * _codecs.decode(v, mag.dtype))
-    m_stored = _codecs.encode(m_new, m, "mu", _codecs.next_scale(m, "mu", b2, jnp.abs(gc)))
+    m_stored = _codecs.encode(m_new, m, "mu", _codecs.next_scale(m, "mu", b2), salt=count)
     v_stored = _codecs.encode(
-        v_new, v, "nu", _codecs.next_scale(v, "nu", b2, mag), floor=None if split else mag
+        v_new, v, "nu", _codecs.next_scale(v, "nu", b2), floor=None if split else mag
     )
     if _codecs.storage_dtype(m).itemsize < 4 or _codecs.storage_dtype(v).itemsize < 4:
         # A step from the unrounded moments makes XLA recompute them from the
@@ -233,7 +237,9 @@ def adamax_leaf(
     # largest finite value; the roundings of m and of the correction can take
     # it one ulp past that, to infinity, where a gradient is that large.
     m_hat = m_new / bc.astype(cdt)
-    if not split and not jnp.issubdtype(cdt, jnp.complexfloating):
-        big = jnp.asarray(jnp.finfo(cdt).max, cdt)
+    big = jnp.asarray(jnp.finfo(rdt).max, rdt)
+    if jnp.issubdtype(cdt, jnp.complexfloating):
+        m_hat = lax.complex(jnp.clip(m_hat.real, -big, big), jnp.clip(m_hat.imag, -big, big))
+    else:
         m_hat = jnp.clip(m_hat, -big, big)
     return divide(m_hat, u), m_stored, v_stored

@@ -1,5 +1,6 @@
 """AdaMax as optax transformations, the user-facing aliases and the functional step."""
 
+import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -20,7 +21,7 @@ from adamax_jax._core import (
     nu_storage_dtype,
     real_dtype,
 )
-from adamax_jax._precision import compensate_rounding
+from adamax_jax._precision import below_32_bits, compensate_rounding
 from adamax_jax._sharding import reshard_like
 from adamax_jax._tree import is_leaf, map_unzip
 
@@ -61,8 +62,10 @@ def _check_hyperparameters(b1: Any, b2: Any, eps: Any, eps_mode: Any) -> tuple[A
 
 
 def _guard_zero_denominator(eps: Any, eps_mode: str) -> bool:
-    # Only when the denominator can be zero: then u = 0, every gradient so far
-    # was 0, m = 0 too, and the step is 0 rather than 0/0. With ε in either
+    # Only when the denominator can be zero: then u = 0, and either every
+    # gradient so far was 0 (m = 0 too: the step is 0 rather than 0/0), or β₂ <
+    # β₁ let u underflow to 0 before m, where the exact step m/u is unbounded
+    # and 0 is given rather than ±inf. With ε in either
     # place the denominator is at least ε, unless ε is traced or so small that
     # it flushes to zero in float32 (after the gain of a scaled ν, >= 1/2).
     if eps_mode == "none" or not isinstance(eps, numbers.Real):
@@ -237,8 +240,19 @@ def _scale_by_adamax(
             params = jax.tree.map(_as_leaf, params, is_leaf=_is_none)
             _validation.check_same_structure("params", params, "state.mu", state.mu)
         # A state cast to floating point (optax.tree.cast) keeps its count as a
-        # whole number; the step is that number.
+        # whole number, exactly where the float has 32 bits or more; the step is
+        # that number. A narrower float cannot count past 256 (bfloat16).
         count_in = jnp.asarray(state.count)
+        count_dtype = jnp.dtype(count_in.dtype)
+        if not (
+            jnp.issubdtype(count_dtype, jnp.integer)
+            or (jnp.issubdtype(count_dtype, jnp.floating) and count_dtype.itemsize >= 4)
+        ):
+            raise ValueError(
+                f"`state.count` is {count_dtype}, which cannot count the steps exactly: a cast "
+                "changed it. Cast it back to int32, or convert the state with "
+                "`adamax_jax.convert_state(state, opt, params)`."
+            )
         count = jnp.asarray(optax.safe_increment(count_in))
         t = count if jnp.issubdtype(count.dtype, jnp.integer) else _float_count(count)
 
@@ -387,9 +401,13 @@ def convert_state(
     dtype), or from a state of this package with other storage dtypes: the
     moments are decoded to their values, then stored the way ``opt.init(params)``
     stores them (with a fresh scale where the target layout has one). The step
-    count is carried over, and so is the count of a learning-rate schedule
-    (``optax.ScaleByScheduleState``) where both states hold exactly one; every
-    other part of the returned state is ``opt.init(params)``'s.
+    count is carried over (saturating at the int32 maximum), and so is the
+    clock of a learning-rate schedule (the count of
+    ``optax.ScaleByScheduleState``, or of ``optax.inject_hyperparams`` and the
+    schedules it wraps), read from the first such count in `state`; every
+    other part of the returned state is ``opt.init(params)``'s. optax keeps
+    Adam's state in the same type as AdaMax's (``ScaleByAdamState``), so an
+    ``optax.adam`` state would be taken for one: convert only AdaMax states.
 
     Args:
         state: The state to convert: anything holding exactly one
@@ -430,46 +448,78 @@ def convert_state(
     source = found[0][1]
     target = opt.init(params)
     inner = adamax_state(target)
-    _validation.check_same_structure("state.mu", source.mu, "params", params)
-    _validation.check_same_structure("state.nu", source.nu, "params", params)
 
-    def moment(value: Any, template: Any, role: str) -> Any:
-        if template is None:
-            return None
+    def masked(x: Any) -> bool:
+        return isinstance(x, optax.MaskedNode)
+
+    def leaf_or_masked(x: Any) -> bool:
+        return is_leaf(x) or masked(x)
+
+    def moment(template: Any, value: Any, role: str) -> Any:
+        if template is None or masked(template):
+            # A parameter `opt` leaves out (optax.masked) has no moment to fill.
+            return template
+        if value is None or masked(value):
+            raise ValueError(f"`state` has no {role} for a parameter that `opt` updates.")
+        if jnp.shape(value) != jnp.shape(template):
+            raise ValueError(
+                f"`state` holds a {role} of shape {jnp.shape(value)} where `opt` keeps one of "
+                f"shape {jnp.shape(template)}."
+            )
         real = _codecs.decode(value, compute_dtype(_codecs.storage_dtype(value)))
         if jnp.iscomplexobj(real) and not jnp.iscomplexobj(_codecs.stored_values(template)):
             # optax keeps ν of a complex parameter as complex numbers: u and 0j.
             real = real.real
         return _codecs.from_value(real, template, role)  # type: ignore[arg-type]
 
-    mu = jax.tree.map(lambda v, t: moment(v, t, "mu"), source.mu, inner.mu, is_leaf=is_leaf)
-    nu = jax.tree.map(lambda v, t: moment(v, t, "nu"), source.nu, inner.nu, is_leaf=is_leaf)
-    count = jnp.asarray(source.count).astype(inner.count.dtype)
-    converted = ScaleByAdamaxState(count=count, mu=mu, nu=nu)
+    _validation.check_same_structure("state.mu", source.mu, "params", params)
+    _validation.check_same_structure("state.nu", source.nu, "params", params)
+    mu = jax.tree.map(lambda t, v: moment(t, v, "mu"), inner.mu, source.mu, is_leaf=leaf_or_masked)
+    nu = jax.tree.map(lambda t, v: moment(t, v, "nu"), inner.nu, source.nu, is_leaf=leaf_or_masked)
+    converted = ScaleByAdamaxState(
+        count=_step_count(source.count, "count", inner.count.dtype), mu=mu, nu=nu
+    )
 
-    def schedule_counts(tree: Any) -> list[Any]:
-        def is_schedule(x: Any) -> bool:
-            return isinstance(x, optax.ScaleByScheduleState)
+    # The learning rate's own clock: a schedule's count, or inject_hyperparams' (its
+    # `count` and the count of each wrapped schedule's state).
+    def is_counter(x: Any) -> bool:
+        return (
+            isinstance(x, tuple)
+            and hasattr(x, "_fields")
+            and "count" in x._fields
+            and not isinstance(x, (ScaleByAdamaxState, optax.ScaleByAdamState))
+        )
 
-        return [s for s in jax.tree.leaves(tree, is_leaf=is_schedule) if is_schedule(s)]
+    def counters(tree: Any) -> list[Any]:
+        return [x.count for x in jax.tree.leaves(tree, is_leaf=is_counter) if is_counter(x)]
 
-    old_schedule, new_schedule = schedule_counts(state), schedule_counts(target)
+    clocks = counters(state)
 
     def replace(x: Any) -> Any:
         if isinstance(x, ScaleByAdamaxState):
             return converted
-        if isinstance(x, optax.ScaleByScheduleState) and len(old_schedule) == 1 == len(
-            new_schedule
-        ):
-            return optax.ScaleByScheduleState(
-                count=jnp.asarray(old_schedule[0].count).astype(x.count.dtype)
-            )
+        if is_counter(x):
+            # Whatever it holds (inject_hyperparams holds the optimizer's own state).
+            x = type(x)(*(jax.tree.map(replace, f, is_leaf=stop) for f in x))
+            if clocks:
+                x = x._replace(count=_step_count(clocks[0], "schedule count", x.count.dtype))
         return x
 
     def stop(x: Any) -> bool:
-        return isinstance(x, (ScaleByAdamaxState, optax.ScaleByScheduleState))
+        return isinstance(x, ScaleByAdamaxState) or is_counter(x)
 
     return jax.tree.map(replace, target, is_leaf=stop)
+
+
+def _step_count(count: Any, name: str, dtype: Any) -> jax.Array:
+    """A step count in `dtype`, saturating at the int32 maximum; concrete nonsense refused."""
+    top = int(np.iinfo(np.int32).max)
+    if not isinstance(count, jax.core.Tracer):
+        value = np.asarray(count).item()
+        if not (math.isfinite(value) and float(value) == int(value) and value >= 0):
+            raise ValueError(f"The state's {name} must be a whole number >= 0, got {value!r}.")
+        return jnp.asarray(min(int(value), top), dtype)
+    return jnp.clip(count, 0, top).astype(dtype)
 
 
 class _DecayedWeightsState(NamedTuple):
@@ -556,6 +606,11 @@ def _chain(
             if not jnp.issubdtype(dtype, jnp.inexact):
                 # Integer gradients without parameters: the update is float32.
                 dtype = jnp.dtype(u.dtype)
+            if below_32_bits(dtype) and jnp.dtype(u.dtype) != dtype:
+                # A step past a 16-bit dtype's range (a β₂ below β₁ lets m/u grow
+                # without bound) is held at its largest finite value, not infinity.
+                big = jnp.asarray(jnp.finfo(dtype).max, u.dtype)
+                u = jnp.clip(u, -big, big)
             return reshard_like(u.astype(dtype), ref)
 
         return jax.tree.map(rounded, new, like, is_leaf=_is_none), state
@@ -903,6 +958,15 @@ def adamax_step(
     )
     for name, tree in (("grad", grad), ("m", m), ("u", u)):
         _validation.check_same_structure(name, tree, "param", param)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(u)[0]:
+        if _codecs.codec_for(leaf.dtype, "nu") is not None:
+            # The transformations store such a ν scaled (an EncodedMoment); a plain
+            # one rounds 0.999 u back to u at every step and never decays.
+            raise TypeError(
+                f"`u`{jax.tree_util.keystr(path)} is {leaf.dtype}: a plain 16-bit u never "
+                "decays (β₂ u rounds back to u). Keep `u` in float32 or wider, or use "
+                "`scale_by_adamax(nu_dtype=...)`, which stores it scaled."
+            )
     count = jnp.asarray(count, jnp.int32)
     guard = _guard_zero_denominator(eps, eps_mode)
 

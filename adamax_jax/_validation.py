@@ -79,11 +79,17 @@ def _scalar(name: str, value: Any) -> Any:
 
 
 def _as_float(value: Any) -> float:
-    """The nearest float64; ±inf where the value is beyond the float64 range."""
+    """The nearest float64; ±inf where the value is beyond the float64 range.
+
+    A value that has none (a signaling NaN ``Decimal``) reads as NaN, which no
+    range admits, so that the error names the argument.
+    """
     try:
         return float(value)
     except OverflowError:
         return math.inf if value > 0 else -math.inf
+    except (ValueError, ArithmeticError):
+        return math.nan
 
 
 def _finite_in_float32(x: float) -> bool:
@@ -326,6 +332,14 @@ def check_storage_dtypes(params: Any, **dtypes: Any) -> None:
     for path, leaf in _paths(params).items():
         if leaf is not None:
             for name, dtype in dtypes.items():
+                if dtype is None and _dtype(leaf) not in STORAGE_DTYPES:
+                    # The moments would default to the parameter's own dtype.
+                    raise ValueError(
+                        f"`params`{path} is {_dtype(leaf)}, which a moment cannot be stored "
+                        f"in; pass `{name}` (one of "
+                        + ", ".join(str(d) for d in STORAGE_DTYPES)
+                        + ")."
+                    )
                 check_storage_dtype(name, dtype, _dtype(leaf), path)
 
 

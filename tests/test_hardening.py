@@ -55,19 +55,39 @@ def test_a_cast_state_keeps_its_values(alias, dtype):
 def test_a_plain_low_precision_nu_is_refused_with_the_way_to_convert(dtype):
     opt = ax.adamax(0.01)
     params = {"w": jnp.zeros(3, dtype)}
-    cast = optax.tree.cast(ax.adamax(0.01, nu_dtype=F32, mu_dtype=F32).init(params), dtype)
-    with pytest.raises(ValueError, match=r"`state\.(nu|mu)\['w'\]` is a plain .*convert_state"):
+    state = ax.adamax(0.01, nu_dtype=F32, mu_dtype=F32).init(params)
+    inner = state[0]
+    cast = (inner._replace(nu=optax.tree.cast(inner.nu, dtype)), *state[1:])
+    with pytest.raises(ValueError, match=r"`state\.nu\['w'\]` is a plain .*convert_state"):
         opt.update({"w": jnp.ones(3, dtype)}, cast, params)
 
 
-def test_a_plain_float16_mu_is_refused():
-    opt = ax.adamax(0.01, mu_dtype=F16)
-    params = {"w": jnp.zeros(3, F32)}
-    state = opt.init(params)
-    inner = state[0]
-    bad = (inner._replace(mu={"w": inner.mu["w"].codes}), *state[1:])
-    with pytest.raises(ValueError, match=r"`state.mu\['w'\]` is a plain float16 .*overflow"):
-        opt.update({"w": jnp.ones(3)}, bad, params)
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_a_count_or_scale_cast_below_32_bits_is_refused(dtype):
+    # bfloat16 counts 256 + 1 as 256, and a 16-bit scale is not the one that was written.
+    opt = ax.adamax(0.01, nu_dtype=BF16)
+    params = {"w": jnp.zeros(3)}
+    _, state, _ = _run(opt, params, [{"w": jnp.ones(3)}] * 3)
+    cast = optax.tree.cast(state, dtype)
+    with pytest.raises(ValueError, match=rf"`state.count` is {jnp.dtype(dtype).name}"):
+        opt.update({"w": jnp.ones(3)}, cast, params)
+    inner = cast[0]._replace(count=state[0].count)
+    with pytest.raises(ValueError, match=r"nu\['w'\]\.scale` must be a float32 scalar"):
+        opt.update({"w": jnp.ones(3)}, (inner, *cast[1:]), params)
+
+
+def test_a_float32_cast_state_runs_in_a_scan():
+    opt = ax.adamax(0.01, mu_dtype=BF16, nu_dtype=BF16)
+    params = jnp.zeros(3)
+    _, state, _ = _run(opt, params, [jnp.ones(3)] * 3)
+    cast = optax.tree.cast(state, F32)
+
+    def body(s, g):
+        return opt.update(g, s, params)[1], None
+
+    final, _ = jax.lax.scan(body, cast, jnp.full((5, 3), 0.5))
+    chex.assert_trees_all_equal_dtypes(final, cast)
+    assert int(final[0].count) == 8
 
 
 def test_codes_cast_to_integers_are_refused():
@@ -149,19 +169,39 @@ def test_gradients_near_the_float32_maximum_give_finite_bounded_steps(alias, eps
 @pytest.mark.parametrize("dtype", [BF16, F16])
 @pytest.mark.parametrize("spike", [1e6, 1e30, 3e38])
 def test_low_precision_state_survives_a_gradient_spike(alias, dtype, spike):
+    # A spike in element 0 only; the others see ordinary gradients throughout.
     params = jnp.zeros(4, F32)
-    grads = [jnp.full(4, spike, F32)] + [
-        jnp.asarray(np.random.default_rng(i).normal(size=4), F32) for i in range(100)
+    rng = np.random.default_rng(0)
+    grads = [jnp.asarray([spike, 1.0, 1e-3, -0.5], F32)] + [
+        jnp.asarray(rng.normal(size=4) * [1, 1, 1e-3, 1], F32) for _ in range(100)
     ]
     low = ALIASES[alias](0.002, mu_dtype=dtype, nu_dtype=dtype)
     exact = ALIASES[alias](0.002)
-    p_low, s_low, _ = _run(low, params, grads)
+    p_low, s_low, u_low = _run(low, params, grads)
     p_exact, s_exact, _ = _run(exact, params, grads)
-    chex.assert_tree_all_finite((p_low, ax.infinity_norm(s_low)))
-    np.testing.assert_allclose(
-        ax.infinity_norm(s_low), ax.infinity_norm(s_exact), rtol=2**-7 if dtype == BF16 else 2**-9
-    )
-    np.testing.assert_allclose(p_low, p_exact, rtol=0.02, atol=1e-4)
+    chex.assert_tree_all_finite((p_low, u_low, ax.infinity_norm(s_low)))
+    u, u_exact = np.asarray(ax.infinity_norm(s_low)), np.asarray(ax.infinity_norm(s_exact))
+    # The elements the spike did not touch keep their exact values.
+    np.testing.assert_allclose(u[1:], u_exact[1:], rtol=2**-7 if dtype == BF16 else 2**-9)
+    np.testing.assert_allclose(p_low[1:], p_exact[1:], rtol=0.02, atol=1e-5)
+    if dtype == BF16:
+        np.testing.assert_allclose(u[0], u_exact[0], rtol=2**-7)
+    else:
+        # float16 holds the spike at its largest value (times a scale in [1, 2)).
+        assert 65504 <= u[0] <= 2 * 65504
+    # Every step stays within the exact step bound (NadaMax's look-ahead included).
+    assert np.all(np.abs(np.asarray(u_low)) <= 0.002 * 2.1)
+
+
+def test_float16_updates_past_its_range_saturate():
+    # β₂ < β₁ lets m/u grow without bound once the gradients stop: past float16's range.
+    opt = ax.adamax(0.01, b2=0.0)
+    params = jnp.zeros(2, F16)
+    grads = [jnp.ones(2, F16)] + [jnp.zeros(2, F16)] * 10
+    state = opt.init(params)
+    for g in grads:
+        updates, state = opt.update(g, state, params)
+        chex.assert_tree_all_finite(updates)
 
 
 def test_bfloat16_nu_at_the_float32_maximum_saturates_finite():
@@ -386,3 +426,119 @@ def test_bfloat16_parameters_get_one_rounding_of_the_step(alias):
         if step > 1:
             assert np.mean(three != one_rounding) > 5 * max(mismatch, 0.002)
         params = optax.apply_updates(params, updates)
+
+
+# --- Found by trying to break it ------------------------------------------------------
+
+
+@pytest.mark.parametrize("b1", [0.9, 0.99, 0.999])
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_a_16_bit_mu_neither_stalls_nor_runs_ahead_for_b1_near_1(b1, dtype):
+    # A constant gradient: the exact update is -lr at every step. A move of a whole unit
+    # at every stalled store took μ there ulp/|Δ| times too fast (149 % off at β₁ = 0.999).
+    n, steps, lr = 256, 3000, 1e-3
+    opt = ax.adamax(lr, b1=b1, mu_dtype=dtype, nu_dtype=F32)
+    rng = np.random.default_rng(1)
+    g = jnp.asarray(rng.uniform(0.5, 2.0, n), F32)
+    params = jnp.zeros(n)
+
+    @jax.jit
+    def run(state):
+        def body(s, _):
+            u, s = opt.update(g, s, params)
+            return s, jnp.abs(u / -lr - 1)
+
+        return jax.lax.scan(body, state, None, length=steps)[1]
+
+    errors = np.asarray(run(opt.init(params)))
+    # Stochastic rounding leaves μ a zero-mean noise of at most ulp / sqrt(6 (1 - β₁²))
+    # relative (one ulp is at most 2^-7 of a bfloat16 value, 2^-10 of a float16 one): its
+    # median over parameters stays below that at every step, and no step is far off.
+    ulp = 2.0**-7 if dtype == BF16 else 2.0**-10
+    noise = ulp / np.sqrt(6 * (1 - b1**2))
+    assert np.median(errors, axis=1).max() < noise, np.median(errors, axis=1).max()
+    assert errors.max() < 5 * noise, errors.max()
+
+
+@pytest.mark.parametrize("mode", ["modulus", "split"])
+@pytest.mark.parametrize("alias", ALIASES)
+def test_a_complex_gradient_whose_modulus_overflows_gives_finite_steps(alias, mode):
+    opt = ALIASES[alias](1e-3, complex_mode=mode)
+    params = jnp.zeros(1, jnp.complex64)
+    state = opt.init(params)
+    for g in (3.4e38 + 3.4e38j, 1 + 1j, -2 - 0.5j):
+        updates, state = opt.update(jnp.array([g], jnp.complex64), state, params)
+        chex.assert_tree_all_finite((updates, ax.infinity_norm(state)))
+        assert float(jnp.abs(updates[0])) <= 2.1e-3 * np.sqrt(2)
+    # u holds the largest finite value for the modulus it cannot represent, and decays.
+    u = np.asarray(ax.infinity_norm(state)).real
+    assert np.all(np.isfinite(u)) and np.all(u > 1e38)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_adamax_step_refuses_a_16_bit_u(dtype):
+    with pytest.raises(TypeError, match=r"`u` is .*never decays"):
+        ax.adamax_step(1.0, 0.1, 0.0, jnp.zeros((), dtype), t=1)
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"), [(2**40, 2**31 - 1), (2**32 + 1, 2**31 - 1), (7, 7), (7.0, 7)]
+)
+def test_convert_state_saturates_the_count(count, expected):
+    params = {"w": jnp.zeros(2)}
+    state = (
+        optax.ScaleByAdamState(count=count, mu={"w": jnp.zeros(2)}, nu={"w": jnp.ones(2)}),
+        optax.EmptyState(),
+    )
+    assert int(ax.adamax_state(ax.convert_state(state, ax.adamax(), params)).count) == expected
+
+
+@pytest.mark.parametrize("count", [-5, 3.7, float("nan")])
+def test_convert_state_refuses_a_count_that_is_no_step(count):
+    params = {"w": jnp.zeros(2)}
+    state = optax.ScaleByAdamState(count=count, mu={"w": jnp.zeros(2)}, nu={"w": jnp.ones(2)})
+    with pytest.raises(ValueError, match="count must be a whole number >= 0"):
+        ax.convert_state(state, ax.adamax(), params)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+@pytest.mark.parametrize("injected", ["source", "target", "both"])
+def test_convert_state_carries_the_count_of_inject_hyperparams(injected):
+    schedule = optax.linear_schedule(0.0, 0.01, 100)
+    params = {"w": jnp.zeros(2)}
+
+    def make(lib, inject):
+        return optax.inject_hyperparams(lib.adamax)(schedule) if inject else lib.adamax(schedule)
+
+    source = make(optax, injected in ("source", "both"))
+    _, state, _ = _run(source, params, [{"w": jnp.ones(2)}] * 100)
+    target = make(ax, injected in ("target", "both"))
+    converted = ax.convert_state(state, target, params)
+    updates, _ = target.update({"w": jnp.ones(2)}, converted, params)
+    # After 100 steps of warm-up the learning rate is 0.01, not 0 again.
+    np.testing.assert_allclose(updates["w"], -0.01, rtol=1e-4)
+
+
+def test_convert_state_into_a_masked_optimizer():
+    params = {"w": jnp.zeros(2), "b": jnp.zeros(3)}
+    with jax.numpy_dtype_promotion("standard"):
+        _, state, _ = _run(optax.adamax(0.01), params, [jax.tree.map(jnp.ones_like, params)])
+    target = optax.masked(ax.adamax(0.01), {"w": True, "b": False})
+    converted = ax.convert_state(state, target, params)
+    chex.assert_trees_all_equal_structs(converted, target.init(params))
+    np.testing.assert_allclose(ax.infinity_norm(converted)["w"], 1.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_parameters_of_a_dtype_no_moment_is_stored_in_are_refused(dtype):
+    with pytest.raises(ValueError, match=r"`params`\['w'\] is float8.*pass `mu_dtype`"):
+        ax.adamax().init({"w": jnp.zeros(3, dtype)})
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_meta_gradients_are_finite_with_16_bit_state(dtype):
+    opt = ax.adamax(0.1, mu_dtype=dtype, nu_dtype=dtype)
+    params = {"w": jnp.array([0.5, -1.0]), "dead": jnp.zeros(3)}
+    value, grads = _meta_loss(opt, params, jnp.array([1.0, 2.0]), jnp.array([2.0, 1.0]))
+    assert np.isfinite(float(value))
+    chex.assert_tree_all_finite(grads)
