@@ -34,8 +34,8 @@ class ScaleByAdamaxState(NamedTuple):
     :class:`EncodedMoment` holds codes, a scale and the name of the codec
     that wrote them. ``opt.init`` makes plain arrays wherever the moment is
     stored in 32 bits or more (the default for float32 parameters, where the
-    state is laid out exactly as ``optax.adamax``'s) and bfloat16 μ; encoded
-    ones for ν below 32 bits and float16 μ. :func:`infinity_norm` gives
+    state is laid out exactly as ``optax.adamax``'s) and for μ below 32 bits;
+    encoded ones for ν below 32 bits. :func:`infinity_norm` gives
     ``u_t`` from either, and ``update`` refuses a moment whose layout
     contradicts its dtype (such as a plain bfloat16 ν after a cast), naming
     its path.
@@ -103,19 +103,19 @@ def scale_by_adamax(
     changes only when a gradient exceeds it (one rounding, not one per step),
     and when ``s_t`` would fall below 1 a power of two — exact in binary
     floating point — moves it back up and is applied to the codes. A code is
-    rounded so that it never reads back below the gradient it holds. float16
-    μ is encoded the same way with a power-of-two scale, and in float16 the
-    scale grows (by powers of two) with the largest gradient, so that no
-    finite gradient overflows the store. Where ν is stored in 32 bits or more
-    (the default for float32 parameters) it is a plain array holding ``u_t``,
-    as in optax; :func:`infinity_norm` reads ``u_t`` from either.
+    rounded so that it never reads back below the gradient it holds. A
+    16-bit moment past its dtype's range (float16 ends at 65504) is held at
+    the largest finite value, element by element. Where ν is stored in 32
+    bits or more (the default for float32 parameters) it is a plain array
+    holding ``u_t``, as in optax; :func:`infinity_norm` reads ``u_t`` from
+    either.
 
-    A first moment stored in fewer than 32 bits is rounded to nearest, except
-    where that would leave it unchanged although it moved: it then moves by
-    one unit in the last place towards the new value. Rounding to nearest
-    alone lets ``m_t`` stall short of a steady gradient, by up to
-    ``ulp / (2 (1 - β₁))`` (2 to 4 % in bfloat16), and every later step with it.
-    Rounding has no derivative; ``jax.grad`` through an update passes the
+    A first moment stored in fewer than 32 bits is rounded stochastically,
+    with a deterministic draw (see ``store_moment`` in the precision module):
+    rounding to nearest lets ``m_t`` stall short of a steady gradient, by up
+    to ``ulp / (2 (1 - β₁))`` (2 to 4 % in bfloat16), and every later step
+    with it. What remains is zero-mean noise of about
+    ``ulp / sqrt(6 (1 - β₁²))`` of m. Rounding has no derivative; ``jax.grad`` through an update passes the
     derivative of the unrounded moments (the straight-through rule).
 
     Args:
