@@ -115,8 +115,9 @@ def scale_by_adamax(
     rounding to nearest lets ``m_t`` stall short of a steady gradient, by up
     to ``ulp / (2 (1 - β₁))`` (2 to 4 % in bfloat16), and every later step
     with it. What remains is zero-mean noise of about
-    ``ulp / sqrt(6 (1 - β₁²))`` of m. Rounding has no derivative; ``jax.grad`` through an update passes the
-    derivative of the unrounded moments (the straight-through rule).
+    ``ulp / sqrt(6 (1 - β₁²))`` of m. Rounding has no derivative; ``jax.grad``
+    through an update passes the derivative of the unrounded moments (the
+    straight-through rule).
 
     Args:
         b1: Decay of the first moment, in [0, 1).
