@@ -47,8 +47,9 @@ class ScaleByAdamaxState(NamedTuple):
     """
 
     count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride] (a field, as in optax)
-    mu: optax.Updates
-    nu: optax.Updates
+    # Plain arrays or EncodedMoment nodes, shaped like the parameters.
+    mu: Any
+    nu: Any
 
 
 def _check_hyperparameters(b1: Any, b2: Any, eps: Any, eps_mode: Any) -> tuple[Any, Any, Any]:
@@ -486,8 +487,7 @@ def convert_state(
     def is_counter(x: Any) -> bool:
         return (
             isinstance(x, tuple)
-            and hasattr(x, "_fields")
-            and "count" in x._fields
+            and "count" in getattr(x, "_fields", ())
             and not isinstance(x, (ScaleByAdamaxState, optax.ScaleByAdamState))
         )
 
@@ -515,7 +515,7 @@ def convert_state(
 def _step_count(count: Any, name: str, dtype: Any) -> jax.Array:
     """A step count in `dtype`, saturating at the int32 maximum; concrete nonsense refused."""
     top = int(np.iinfo(np.int32).max)
-    if not isinstance(count, jax.core.Tracer):
+    if not _validation.is_traced(count):
         value = np.asarray(count).item()
         if not (math.isfinite(value) and float(value) == int(value) and value >= 0):
             raise ValueError(f"The state's {name} must be a whole number >= 0, got {value!r}.")
@@ -572,7 +572,7 @@ def _chain(
     """
     learning_rate = _validation.check_learning_rate(learning_rate)
     _validation.check_bool("compensated", compensated)
-    parts = [
+    parts: list[optax.GradientTransformation] = [
         _scale_by_adamax(
             b1,
             b2,
@@ -883,7 +883,7 @@ def _as_tree(name: str, x: Any) -> Any:
             )
         if jnp.issubdtype(dtype, jnp.integer):
             with jax.numpy_dtype_promotion("standard"):
-                y = y.astype(jnp.result_type(dtype, float))
+                y = jnp.asarray(y).astype(jnp.result_type(dtype, float))
         return y
 
     return jax.tree_util.tree_map_with_path(leaf, x, is_leaf=lambda y: y is None)
@@ -960,11 +960,12 @@ def adamax_step(
     for name, tree in (("grad", grad), ("m", m), ("u", u)):
         _validation.check_same_structure(name, tree, "param", param)
     for path, leaf in jax.tree_util.tree_flatten_with_path(u)[0]:
-        if _codecs.codec_for(leaf.dtype, "nu") is not None:
+        if _codecs.codec_for(jnp.asarray(leaf).dtype, "nu") is not None:
             # The transformations store such a ν scaled (an EncodedMoment); a plain
             # one rounds 0.999 u back to u at every step and never decays.
             raise TypeError(
-                f"`u`{jax.tree_util.keystr(path)} is {leaf.dtype}: a plain 16-bit u never "
+                f"`u`{jax.tree_util.keystr(path)} is {jnp.asarray(leaf).dtype}: a plain 16-bit "
+                "u never "
                 "decays (β₂ u rounds back to u). Keep `u` in float32 or wider, or use "
                 "`scale_by_adamax(nu_dtype=...)`, which stores it scaled."
             )
