@@ -59,34 +59,52 @@ def store_moment(
     return _store_stochastic(value, previous, jnp.asarray(salt).astype(jnp.uint32))
 
 
-def uniform_hash(a: jax.Array, b: jax.Array, salt: jax.Array) -> jax.Array:
-    """A float32 in [0, 1) per element, from the bits of `a`, `b` and `salt`.
-
-    A counter-based mix (the finaliser of MurmurHash3): deterministic, cheap,
-    with no key to carry and no index, so that it follows any sharding.
-    """
-    x = lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
-    y = lax.bitcast_convert_type(b.astype(jnp.float32), jnp.uint32)
-    h = x ^ ((y << 13) | (y >> 19)) ^ (salt * jnp.uint32(0x9E3779B9))
+def _mix(h: jax.Array) -> jax.Array:
+    """The finaliser of MurmurHash3: every input bit moves every output bit."""
     h = h ^ (h >> 16)
     h = h * jnp.uint32(0x85EBCA6B)
     h = h ^ (h >> 13)
     h = h * jnp.uint32(0xC2B2AE35)
-    h = h ^ (h >> 16)
-    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+    return h ^ (h >> 16)
+
+
+def _random_bits(x: jax.Array, y: jax.Array, salt: jax.Array) -> jax.Array:
+    """32 pseudo-random bits per element from the uint32 bits `x`, `y` and `salt`.
+
+    A counter-based hash: deterministic, cheap, with no key to carry and no
+    index, so that it follows any sharding.
+    """
+    return _mix(x ^ ((y << 13) | (y >> 19)) ^ (salt * jnp.uint32(0x9E3779B9)))
+
+
+def uniform_hash(a: jax.Array, b: jax.Array, salt: jax.Array) -> jax.Array:
+    """A float32 in [0, 1) per element, from the bits of `a`, `b` and `salt`."""
+    x = lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
+    y = lax.bitcast_convert_type(b.astype(jnp.float32), jnp.uint32)
+    return (_random_bits(x, y, salt) >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
 @jax.custom_jvp
 def _store_stochastic(value: jax.Array, previous: jax.Array, salt: jax.Array) -> jax.Array:
     dtype = previous.dtype
+    big = jnp.asarray(jnp.finfo(dtype).max, dtype)
+    if dtype == jnp.bfloat16:
+        # bfloat16 is the upper half of float32: adding 16 random bits below the cut and
+        # truncating rounds the magnitude up exactly as often as the dropped part says.
+        # It reads the value once, so that XLA fuses the store with the moment's update.
+        bits = lax.bitcast_convert_type(value.astype(jnp.float32), jnp.uint32)
+        prev = lax.bitcast_convert_type(previous, jnp.uint16).astype(jnp.uint32)
+        noise = _random_bits(bits, prev, salt) >> 16
+        rounded = lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
+        return jnp.clip(rounded, -jnp.float32(big), jnp.float32(big)).astype(dtype)
     nearest = value.astype(dtype)
     here = nearest.astype(value.dtype)
     # The representable neighbour on the other side of the value.
     other = jnp.nextafter(nearest, jnp.where(value > here, jnp.inf, -jnp.inf).astype(dtype))
     gap = jnp.abs(other.astype(value.dtype) - here)
     # Taken with probability |value - nearest| / gap (at most 1/2): unbiased.
-    take = uniform_hash(value, previous, salt).astype(value.dtype) * gap < jnp.abs(value - here)
-    big = jnp.asarray(jnp.finfo(dtype).max, dtype)
+    draw = uniform_hash(value, previous, salt).astype(value.dtype)
+    take = draw * gap < jnp.abs(value - here)
     return jnp.clip(jnp.where(take, other, nearest), -big, big)
 
 

@@ -152,8 +152,9 @@ def test_rows_report_their_distance_from_optax(quick):
                 # After a dozen steps of 2e-3 each: float32 rounding only.
                 assert rows[name]["max_abs_diff_vs_optax"] <= 1e-6, (tree["key"], name)
         # bfloat16 moments move each step of 2e-3 by their rounding: m by up to a unit in
-        # its last place (2**-7 relative at worst, the one-ulp store), u by half of one.
-        bound = (report["steps"] + report["warmup"]) * 2e-3 * (2.0**-7 + 2.0**-8)
+        # its last place (2**-7 relative at worst, a stochastic store), u by up to one
+        # too (rounded up, never below the gradient).
+        bound = (report["steps"] + report["warmup"]) * 2e-3 * (2.0**-7 + 2.0**-7)
         assert 0 < rows[benchmark.OURS_BF16]["max_abs_diff_vs_optax"] <= bound
 
 

@@ -214,9 +214,12 @@ def _close_to_single(arrays, dtypes, sharded_prefix, single_prefix):
     float32 (excess precision): the last bit can differ. The bound is 2 units
     in the last place of the largest magnitude of each array; a misplaced or
     missing value would be off by the values themselves. A compensation buffer
-    takes up what rounding left out of the update (up to the learning rate in
-    size), in float32, so it is judged against the update and against its span,
-    half a unit in the last place of its parameter, whichever is larger.
+    takes up what rounding left out of the update: where the two runs' float32
+    updates straddle a rounding tie of the parameter, the parameters land a
+    unit apart and the buffers differ by that unit the other way. What the
+    buffer keeps exact is the sum of the parameter and the buffer, so that sum
+    is judged: within 2 units in the last place of the buffer's larger of its
+    magnitude and the learning rate.
     """
     keys = [k for k in arrays if k.startswith(sharded_prefix)]
     assert keys, f"no arrays under {sharded_prefix}"
@@ -230,8 +233,10 @@ def _close_to_single(arrays, dtypes, sharded_prefix, single_prefix):
         scale = np.max(np.abs(want), initial=0.0)
         if ".compensation[" in key:
             # (params, state): the parameter of "[1][2].compensation['w']" is "[0]['w']".
-            param = arrays[single_prefix + "[0]" + key[key.index(".compensation[") + 13 :]]
-            scale = max(scale, eps * np.max(np.abs(param)) / 2, _sharding_worker.LEARNING_RATE)
+            suffix = "[0]" + key[key.index(".compensation[") + 13 :]
+            got = got.astype(np.float64) + arrays[sharded_prefix + suffix].astype(np.float64)
+            want = want.astype(np.float64) + arrays[single_prefix + suffix].astype(np.float64)
+            scale = max(scale, _sharding_worker.LEARNING_RATE)
         bound = 2 * eps * scale
         err = np.max(np.abs(got - want), initial=0.0)
         assert err <= bound, f"{key}: max error {err} > {bound} (2 ulp of {scale}, {dtype})"
