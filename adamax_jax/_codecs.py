@@ -23,7 +23,19 @@ from adamax_jax._precision import below_32_bits, store_moment
 Role = Literal["mu", "nu"]
 
 SCALED = "scaled"
-CODECS: tuple[str, ...] = (SCALED,)
+BLOCKWISE = "blockwise"
+CODECS: tuple[str, ...] = (SCALED, BLOCKWISE)
+
+# 8-bit storage dtypes, stored block-wise; uint8 only for ν, which is never negative.
+EIGHT_BIT: tuple[jnp.dtype, ...] = tuple(
+    jnp.dtype(d) for d in (jnp.int8, jnp.uint8, jnp.float8_e4m3fn, jnp.float8_e5m2)
+)
+# Leaves with fewer values keep their 8-bit moments as plain float32 arrays, as
+# bitsandbytes keeps tensors under 4096 values in 32 bits: their scales would
+# cost more than the bytes saved, and biases and norms are where precision
+# counts most.
+MIN_BLOCKWISE_SIZE = 4096
+DEFAULT_BLOCK_SIZE = 256
 
 # A float16 code is kept at most this large, so that a gradient that passes the
 # float16 range moves the scale instead of overflowing the store.
@@ -40,15 +52,25 @@ class EncodedMoment:
     keeps that meaning, so ``optax.tree.cast`` of a state changes its
     precision but not its values.
 
+    With the "blockwise" codec (8-bit storage: int8, uint8, float8_e4m3fn,
+    float8_e5m2) the last axis is cut into blocks of ``block_size`` values,
+    each with its own float32 scale, and the moment is ``map(codes) · scale``
+    of its block; ``map`` is float8's own value for float8 codes and a
+    logarithmic map for int8 and uint8 (see :func:`adamax_jax.scale_by_adamax`).
+
     Attributes:
         codes: The stored values, shaped like the parameter.
-        scale: A float32 scalar, at least 1.
+        scale: "scaled": a float32 scalar, at least 1. "blockwise": float32 of
+            shape ``codes.shape[:-1] + (ceil(codes.shape[-1] / block_size),)``.
         codec: The codec that wrote it (static pytree metadata).
+        block_size: The values per block of the "blockwise" codec (static
+            pytree metadata); None for "scaled".
     """
 
     codes: jax.Array
     scale: jax.Array
     codec: str = dataclasses.field(default=SCALED, metadata={"static": True})
+    block_size: int | None = dataclasses.field(default=None, metadata={"static": True})
 
     # A leaf of parameter-shaped trees (see adamax_jax._tree.is_leaf).
     __adamax_moment__ = True
@@ -70,9 +92,11 @@ def codec_for(storage_dtype: jax.typing.DTypeLike, role: Role) -> str | None:
     ν below 32 bits is scaled, so that its per-step decay (far below half a unit
     in the last place for the usual β₂) is not rounded away; μ in float16 is
     scaled, so that it cannot overflow float16's narrow range. bfloat16 μ has
-    float32's range and is a plain array.
+    float32's range and is a plain array. 8-bit storage is block-wise.
     """
     dtype = jnp.dtype(storage_dtype)
+    if dtype in EIGHT_BIT:
+        return BLOCKWISE
     if not below_32_bits(dtype):
         return None
     if role == "nu" or dtype == jnp.float16:
@@ -92,9 +116,41 @@ def _zeros(p: Any, dtype: jnp.dtype) -> jax.Array:
     return zeros_like(p, dtype)
 
 
-def init_moment(p: Any, storage_dtype: jax.typing.DTypeLike, role: Role) -> Any:
-    """A zero moment for parameter `p` (an array or ``jax.ShapeDtypeStruct``)."""
+def _ones_for_blocks(p: Any, block_size: int) -> jax.Array:
+    """Float32 ones shaped ``p.shape[:-1] + (n_blocks,)``, sharded like `p` where it can be."""
+    shape = tuple(p.shape[:-1]) + (-(-p.shape[-1] // block_size),)
+    if isinstance(p, jax.ShapeDtypeStruct):
+        sharding = getattr(p, "sharding", None)
+        if sharding is not None:
+            try:
+                return jnp.ones(shape, jnp.float32, device=sharding)
+            except ValueError:
+                pass
+        return jnp.ones(shape, jnp.float32)
+    # One value per block, read from `p`, so that under jit the scales follow
+    # the sharding of the parameter along every axis.
+    return _zeros(jnp.asarray(p)[..., ::block_size], jnp.dtype(jnp.float32)) + jnp.float32(1)
+
+
+def init_moment(
+    p: Any, storage_dtype: jax.typing.DTypeLike, role: Role, block_size: int = DEFAULT_BLOCK_SIZE
+) -> Any:
+    """A zero moment for parameter `p` (an array or ``jax.ShapeDtypeStruct``).
+
+    8-bit storage is block-wise with `block_size` values a block along the
+    last axis, except for leaves of fewer than :data:`MIN_BLOCKWISE_SIZE`
+    values, which are plain float32 arrays.
+    """
     dtype = jnp.dtype(storage_dtype)
+    if dtype in EIGHT_BIT:
+        if int(np.prod(p.shape)) < MIN_BLOCKWISE_SIZE:
+            return _zeros(p, jnp.dtype(jnp.float32))
+        return EncodedMoment(
+            codes=_zeros(p, dtype),
+            scale=_ones_for_blocks(p, block_size),
+            codec=BLOCKWISE,
+            block_size=block_size,
+        )
     codes = _zeros(p, dtype)
     if codec_for(dtype, role) is None:
         return codes
@@ -138,6 +194,9 @@ def check_moment(x: Any, where: str, role: Role) -> None:
         return
     if x.codec not in CODECS:
         raise ValueError(f"`{where}` was written by an unknown codec {x.codec!r}. {convert}")
+    if x.codec == BLOCKWISE:
+        _check_blockwise(x, where, role, convert)
+        return
     codes, scale = jnp.dtype(x.codes.dtype), jnp.dtype(x.scale.dtype)
     if not jnp.issubdtype(codes, jnp.floating):
         raise ValueError(
@@ -151,10 +210,37 @@ def check_moment(x: Any, where: str, role: Role) -> None:
         )
 
 
+def _check_blockwise(x: Any, where: str, role: Role, convert: str) -> None:
+    codes = jnp.dtype(x.codes.dtype)
+    allowed = [d for d in EIGHT_BIT if role == "nu" or d != jnp.uint8]
+    if codes not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise ValueError(
+            f"`{where}.codes` is {codes}, but the 'blockwise' codec stores a {role} in one of "
+            f"{names}: a cast changed it. {convert}"
+        )
+    bs = x.block_size
+    shape = tuple(jnp.shape(x.codes))
+    if not isinstance(bs, int) or bs < 1 or not shape:
+        raise ValueError(
+            f"`{where}` has block size {bs!r} for codes of shape {shape}; the 'blockwise' "
+            f"codec needs a positive block size and at least one axis. {convert}"
+        )
+    want = shape[:-1] + (-(-shape[-1] // bs),)
+    scale = jnp.dtype(x.scale.dtype)
+    if scale != jnp.float32 or tuple(jnp.shape(x.scale)) != want:
+        raise ValueError(
+            f"`{where}.scale` must be float32 of shape {want} (one per block of {bs} along "
+            f"the last axis), got {scale} of shape {tuple(jnp.shape(x.scale))}. {convert}"
+        )
+
+
 def decode(x: Any, dtype: jax.typing.DTypeLike) -> jax.Array:
     """The moment's values in `dtype` (the compute dtype)."""
     if not is_encoded(x):
         return x.astype(dtype)
+    if x.codec == BLOCKWISE:
+        return _decode_blockwise(x, dtype)
     rdt = jnp.finfo(dtype).dtype
     return x.codes.astype(dtype) * x.scale.astype(rdt).astype(dtype)
 
@@ -193,6 +279,9 @@ def next_scale(
     if not is_encoded(x):
         return None
     scale = x.scale.astype(jnp.float32)
+    if x.codec == BLOCKWISE:
+        # μ takes a fresh scale from its values in `encode`; ν's decays here.
+        return scale * jnp.asarray(b2, jnp.float32) if role == "nu" else scale
     decayed = scale * jnp.asarray(b2, jnp.float32) if role == "nu" else scale
     need = jnp.float32(1)
     if jnp.dtype(x.codes.dtype) == jnp.float16 and magnitude is not None:
@@ -258,6 +347,9 @@ def encode(
     Returns:
         The stored moment, in the layout of `previous`.
     """
+    if is_encoded(previous) and previous.codec == BLOCKWISE:
+        assert scale is not None
+        return _encode_blockwise(value, previous, role, scale, floor)
     plain = previous.codes if is_encoded(previous) else previous
     dtype = plain.dtype
     if is_encoded(previous):
@@ -300,7 +392,233 @@ def from_value(value: jax.Array, template: Any, role: Role) -> Any:
         return value.astype(template.dtype)
     mag = jnp.abs(value)
     fresh = EncodedMoment(
-        codes=template.codes, scale=jnp.ones([], jnp.float32), codec=template.codec
+        codes=jnp.zeros_like(template.codes),
+        scale=jnp.ones_like(template.scale),
+        codec=template.codec,
+        block_size=template.block_size,
     )
     scale = next_scale(fresh, role, 1.0, mag.astype(jnp.float32))
     return encode(value, fresh, role, scale, floor=mag if role == "nu" else None)
+
+
+# ---------------------------------------------------------------------------
+# The "blockwise" codec: 8-bit codes, one float32 scale per block of the last axis.
+
+
+@dataclasses.dataclass(frozen=True)
+class _CodeMap:
+    """How 8-bit codes map to values, through a signed, monotone integer rank.
+
+    The rank of a code is its magnitude index (0 for zero, ``top`` for the
+    largest) with the code's sign. Ranks are what the rounding rules move: one
+    rank up is the next larger value, in every map.
+    """
+
+    top: int  # the largest magnitude index
+    signed: bool
+    log_steps: int | None  # codes per doubling of the logarithmic map; None for float8
+
+
+_MAPS: dict[jnp.dtype, _CodeMap] = {
+    # Logarithmic maps: magnitude k > 0 is 2^((k - top) / log_steps) of the
+    # block's scale. Both span 2^18 below the block's largest value; uint8 ν
+    # spends the sign bit on twice the resolution (5.1 % a code against 10.4 %).
+    jnp.dtype(jnp.int8): _CodeMap(top=127, signed=True, log_steps=5),
+    jnp.dtype(jnp.uint8): _CodeMap(top=255, signed=False, log_steps=14),
+    # float8: the dtype's own values; the magnitude index is the bit pattern
+    # without the sign (0x7F is NaN in e4m3fn, 0x7C infinity in e5m2).
+    jnp.dtype(jnp.float8_e4m3fn): _CodeMap(top=0x7E, signed=True, log_steps=None),
+    jnp.dtype(jnp.float8_e5m2): _CodeMap(top=0x7B, signed=True, log_steps=None),
+}
+
+
+def code_step(storage: jax.typing.DTypeLike) -> float:
+    """The largest ratio between neighbouring nonzero values of an 8-bit code map.
+
+    A ν stored in `storage` reads back at most this factor above the value
+    it holds (within the map's range); a rounded μ is off by at most half of
+    it. 2^(1/7) for int8, 2^(1/14) for uint8, 1 + 2^-3 for float8_e4m3fn and
+    1 + 2^-2 for float8_e5m2 (their normal range).
+    """
+    cmap = _MAPS[jnp.dtype(storage)]
+    if cmap.log_steps is not None:
+        return float(2.0 ** (1.0 / cmap.log_steps))
+    return 1.0 + 2.0 ** -int(jnp.finfo(storage).nmant)
+
+
+def _top_value(cmap: _CodeMap, dtype: jnp.dtype) -> float:
+    if cmap.log_steps is not None:
+        return 1.0
+    return float(jnp.finfo(dtype).max)
+
+
+def _rank(codes: jax.Array) -> jax.Array:
+    """The signed magnitude index of each code, as int32."""
+    dtype = jnp.dtype(codes.dtype)
+    if _MAPS[dtype].log_steps is not None:
+        return codes.astype(jnp.int32)
+    bits = lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.int32)
+    magnitude = bits & 0x7F
+    return jnp.where(bits >= 0x80, -magnitude, magnitude)
+
+
+def _codes(rank: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Codes of `dtype` from signed magnitude indices (inverse of :func:`_rank`)."""
+    if _MAPS[dtype].log_steps is not None:
+        return rank.astype(dtype)
+    bits = jnp.abs(rank) | jnp.where(rank < 0, 0x80, 0)
+    return lax.bitcast_convert_type(bits.astype(jnp.uint8), dtype)
+
+
+def _value_of_rank(rank: jax.Array, storage: jnp.dtype, dtype: jnp.dtype) -> jax.Array:
+    """The value of signed magnitude index `rank` in units of the block scale."""
+    cmap = _MAPS[storage]
+    if cmap.log_steps is None:
+        return _codes(rank, storage).astype(dtype)
+    k = jnp.abs(rank)
+    exponent = (k - cmap.top).astype(dtype) / cmap.log_steps
+    magnitude = jnp.where(k == 0, jnp.zeros((), dtype), jnp.exp2(exponent))
+    return jnp.where(rank < 0, -magnitude, magnitude)
+
+
+def _nearest_rank(x: jax.Array, storage: jnp.dtype) -> jax.Array:
+    """The rank of the code nearest to `x` (in units of the block scale).
+
+    float8 rounds to nearest even; the logarithmic maps round to nearest on a
+    logarithmic scale. Values beyond the largest code saturate.
+    """
+    cmap = _MAPS[storage]
+    if cmap.log_steps is None:
+        big = jnp.asarray(jnp.finfo(storage).max, x.dtype)
+        return _rank(jnp.clip(x, -big, big).astype(storage))
+    a = jnp.abs(x)
+    positive = a > 0
+    exponent = jnp.log2(jnp.where(positive, a, jnp.ones((), a.dtype)))
+    k = jnp.round(cmap.top + cmap.log_steps * exponent)
+    k = jnp.where(positive, jnp.clip(k, 0, cmap.top), 0).astype(jnp.int32)
+    return jnp.where(x < 0, -k, k)
+
+
+def _round_up_rank(
+    target: jax.Array, rank: jax.Array, storage: jnp.dtype, scale: jax.Array, tolerance: float
+) -> jax.Array:
+    """`rank` (within one code of non-negative `target`), moved up where it reads back below.
+
+    The value read back is computed as :func:`decode` computes it (the code's
+    value times the block's `scale`, broadcast). With a `tolerance`
+    (relative), values within it below `target` count as `target`: a code
+    decayed by its scale reads back a few float32 roundings off the value it
+    stands for, and must not be pushed up a code for it.
+    """
+    cmap = _MAPS[storage]
+    back = _value_of_rank(rank, storage, target.dtype) * scale
+    below = back < target * jnp.asarray(1 - tolerance, target.dtype)
+    return jnp.where(below, jnp.minimum(rank + 1, cmap.top), rank)
+
+
+def _to_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """`x` with its last axis cut into blocks: shape ``(..., n_blocks, block_size)``."""
+    n = x.shape[-1]
+    n_blocks = -(-n // block_size)
+    pad = n_blocks * block_size - n
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return x.reshape(x.shape[:-1] + (n_blocks, block_size))
+
+
+def _from_blocks(x: jax.Array, n: int) -> jax.Array:
+    x = x.reshape(x.shape[:-2] + (-1,))
+    return x if x.shape[-1] == n else x[..., :n]
+
+
+def _ceil_log2(r: jax.Array) -> jax.Array:
+    """The smallest integer ``j`` with ``2^j >= r``, for positive finite float32 `r`."""
+    mantissa, exponent = jnp.frexp(r)
+    return jnp.where(mantissa == 0.5, exponent - 1, exponent)
+
+
+def _fit(peak: jax.Array, base: jax.Array, top: float) -> jax.Array:
+    """``base · 2^j`` for the least integer ``j`` with ``peak <= top · base · 2^j``.
+
+    The exponents of `peak` and `base` are compared apart from their mantissas,
+    so that no ratio overflows; the result saturates within float32's normal range.
+    """
+    f32 = jnp.float32
+    pm, pe = jnp.frexp(peak.astype(f32))
+    bm, be = jnp.frexp(base.astype(f32))
+    safe_pm = jnp.where(peak > 0, pm, f32(0.5))
+    j = pe - be + _ceil_log2(safe_pm / (bm * f32(top)))
+    # ldexp by at most float32's exponent range at a time.
+    j = jnp.clip(j, -300, 300)
+    half = j // 2
+    scale = jnp.ldexp(jnp.ldexp(base.astype(f32), half), j - half)
+    info = jnp.finfo(f32)
+    return jnp.clip(scale, f32(info.tiny), f32(info.max))
+
+
+def _decode_blockwise(x: "EncodedMoment", dtype: jax.typing.DTypeLike) -> jax.Array:
+    dtype = jnp.dtype(dtype)
+    storage = jnp.dtype(x.codes.dtype)
+    assert x.block_size is not None
+    blocks = _to_blocks(x.codes, x.block_size)
+    values = _value_of_rank(_rank(blocks), storage, dtype)
+    scale = x.scale.astype(jnp.float32).astype(dtype)[..., None]
+    return _from_blocks(values * scale, x.codes.shape[-1])
+
+
+def _encode_blockwise(
+    value: jax.Array,
+    previous: "EncodedMoment",
+    role: Role,
+    base: jax.Array,
+    floor: jax.Array | None,
+) -> "EncodedMoment":
+    """Stores `value` block-wise in the codes dtype of `previous`.
+
+    μ: each block's scale is the least power of two that holds its largest
+    value; codes round to nearest, and a code that would stay put although the
+    value moved moves one code towards it (never away from zero).
+
+    ν: `base` is the previous scale times β₂, so that a code carried over reads
+    back exactly decayed; it grows by the least power of two that holds the
+    largest `floor` of the block (a block of zeros takes a fresh power of two).
+    Codes round up: no value reads back below `floor`, nor (within float32
+    rounding) below the decayed value it stands for.
+    """
+    storage = jnp.dtype(previous.codes.dtype)
+    cmap = _MAPS[storage]
+    bs = previous.block_size
+    assert bs is not None
+    n = previous.codes.shape[-1]
+    cdt = jnp.dtype(value.dtype)
+    top = _top_value(cmap, storage)
+    old_rank = _rank(_to_blocks(previous.codes, bs))
+    vb = _to_blocks(value, bs)
+    if role == "mu":
+        peak = jnp.max(jnp.abs(vb), axis=-1).astype(jnp.float32)
+        scale = jnp.where(peak > 0, _fit(peak, jnp.ones_like(peak), top), jnp.float32(1))
+        s = scale.astype(cdt)[..., None]
+        x = vb / s
+        rank = _nearest_rank(x, storage)
+        before = _value_of_rank(old_rank, storage, cdt) * previous.scale.astype(cdt)[..., None] / s
+        prev_rank = _nearest_rank(before, storage)
+        stalled = (rank == prev_rank) & (x != before) & (prev_rank != 0)
+        lowest = -cmap.top if cmap.signed else 0
+        moved = jnp.clip(prev_rank + jnp.where(x > before, 1, -1), lowest, cmap.top)
+        rank = jnp.where(stalled, moved, rank)
+    else:
+        fb = vb if floor is None else _to_blocks(floor.astype(cdt), bs)
+        peak = jnp.max(fb, axis=-1).astype(jnp.float32)
+        base = base.astype(jnp.float32)
+        empty = (jnp.max(jnp.abs(old_rank), axis=-1) == 0) | ~(base >= jnp.finfo(jnp.float32).tiny)
+        fresh = jnp.where(peak > 0, _fit(peak, jnp.ones_like(peak), top), jnp.float32(1))
+        kept = jnp.where(peak > base * jnp.float32(top), _fit(peak, base, top), base)
+        scale = jnp.where(empty, fresh, kept)
+        s = scale.astype(cdt)[..., None]
+        x = vb / s
+        rank = _round_up_rank(vb, _nearest_rank(x, storage), storage, s, tolerance=2.0**-16)
+        floor_rank = _nearest_rank(fb / s, storage)
+        floor_rank = _round_up_rank(fb, floor_rank, storage, s, tolerance=0.0)
+        rank = jnp.maximum(rank, floor_rank)
+    codes = _from_blocks(_codes(rank, storage), n)
+    return EncodedMoment(codes=codes, scale=scale, codec=BLOCKWISE, block_size=bs)

@@ -76,6 +76,7 @@ def scale_by_adamax(
     complex_mode: ComplexMode = "modulus",
     mu_dtype: jax.typing.DTypeLike | None = None,
     nu_dtype: jax.typing.DTypeLike | None = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales updates by the AdaMax rule: ``m̂_t / (u_t + ε)``.
 
@@ -142,6 +143,7 @@ def scale_by_adamax(
         complex_mode=complex_mode,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        block_size=block_size,
         float32_updates=False,
     )
 
@@ -183,6 +185,7 @@ def _scale_by_adamax(
     complex_mode: ComplexMode,
     mu_dtype: Any,
     nu_dtype: Any,
+    block_size: Any,
     float32_updates: bool,
 ) -> optax.GradientTransformationExtraArgs:
     """:func:`scale_by_adamax`; with `float32_updates`, updates stay in the compute dtype.
@@ -195,6 +198,10 @@ def _scale_by_adamax(
     _validation.check_choice("complex_mode", complex_mode, COMPLEX_MODES)
     _validation.check_dtype("mu_dtype", mu_dtype)
     _validation.check_dtype("nu_dtype", nu_dtype)
+    _validation.check_eight_bit("mu_dtype", mu_dtype, "nu_dtype", nu_dtype, block_size)
+    # None, not 256, as the default: optax.inject_hyperparams would make a
+    # number a traced hyperparameter, and the block size shapes the state.
+    block_size = _codecs.DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
     guard = _guard_zero_denominator(eps, eps_mode)
 
     def init_fn(params: optax.Params) -> ScaleByAdamaxState:
@@ -207,10 +214,13 @@ def _scale_by_adamax(
                 dtype, jnp.complexfloating
             ):
                 dtype = jnp.dtype(jnp.complex128 if dtype.itemsize > 4 else jnp.complex64)
-            return _codecs.init_moment(p, dtype, "mu")
+            return _codecs.init_moment(p, dtype, "mu", block_size)
 
         def nu_leaf(p):
-            return _codecs.init_moment(p, nu_storage_dtype(p.dtype, nu_dtype, complex_mode), "nu")
+            dtype = nu_storage_dtype(p.dtype, nu_dtype, complex_mode)
+            return _codecs.init_moment(p, dtype, "nu", block_size)
+
+        _validation.check_eight_bit_params(params, mu_dtype, nu_dtype)
 
         return ScaleByAdamaxState(
             count=jnp.zeros([], jnp.int32),
@@ -497,6 +507,7 @@ def _chain(
     mu_dtype: Any,
     nu_dtype: Any,
     compensated: bool,
+    block_size: Any = None,
     weight_decay: Any = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -518,6 +529,7 @@ def _chain(
             complex_mode=complex_mode,
             mu_dtype=mu_dtype,
             nu_dtype=nu_dtype,
+            block_size=block_size,
             float32_updates=True,
         )
     ]
@@ -558,6 +570,7 @@ def adamax(
     complex_mode: ComplexMode = "modulus",
     mu_dtype: jax.typing.DTypeLike | None = None,
     nu_dtype: jax.typing.DTypeLike | None = None,
+    block_size: int | None = None,
     compensated: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The AdaMax optimizer (Kingma & Ba, 2014, Algorithm 2).
@@ -629,6 +642,7 @@ def adamax(
         complex_mode=complex_mode,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        block_size=block_size,
         compensated=compensated,
     )
 
@@ -645,6 +659,7 @@ def adamaxw(
     complex_mode: ComplexMode = "modulus",
     mu_dtype: jax.typing.DTypeLike | None = None,
     nu_dtype: jax.typing.DTypeLike | None = None,
+    block_size: int | None = None,
     compensated: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaMax with decoupled weight decay, scaled by the learning rate.
@@ -700,6 +715,7 @@ def adamaxw(
         complex_mode=complex_mode,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        block_size=block_size,
         compensated=compensated,
         weight_decay=weight_decay,
         mask=mask,
@@ -716,6 +732,7 @@ def nadamax(
     complex_mode: ComplexMode = "modulus",
     mu_dtype: jax.typing.DTypeLike | None = None,
     nu_dtype: jax.typing.DTypeLike | None = None,
+    block_size: int | None = None,
     compensated: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NadaMax: AdaMax with Nesterov momentum (Dozat, 2016).
@@ -772,6 +789,7 @@ def nadamax(
         complex_mode=complex_mode,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        block_size=block_size,
         compensated=compensated,
     )
 

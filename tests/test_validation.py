@@ -68,7 +68,7 @@ BAD_HYPERPARAMETERS = [
     ("mu_dtype", jnp.int32, TRANSFORMS),
     ("mu_dtype", "foo", TRANSFORMS),
     ("mu_dtype", bool, TRANSFORMS),
-    ("nu_dtype", jnp.int8, TRANSFORMS),
+    ("nu_dtype", jnp.int16, TRANSFORMS),
     ("nu_dtype", "bar", TRANSFORMS),
 ]
 CASES = [
