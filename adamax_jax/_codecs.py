@@ -420,7 +420,7 @@ class _CodeMap:
 
 
 _MAPS: dict[jnp.dtype, _CodeMap] = {
-    # Logarithmic maps: magnitude k > 0 is 2^((k - top) / log_steps) of the
+    # Logarithmic maps: magnitude k > 0 is 2^((k - top) / log_steps + 4) of the
     # block's scale. Both span 2^18 below the block's largest value; uint8 ν
     # spends the sign bit on twice the resolution (5.1 % a code against 10.4 %).
     jnp.dtype(jnp.int8): _CodeMap(top=127, signed=True, log_steps=5),
@@ -446,9 +446,16 @@ def code_step(storage: jax.typing.DTypeLike) -> float:
     return 1.0 + 2.0 ** -int(jnp.finfo(storage).nmant)
 
 
+# The largest code of a logarithmic map is worth 2^4 block scales, so that a
+# block holding values up to float32's maximum has a scale whose reciprocal is
+# still a normal number (XLA divides by a broadcast scale through its
+# reciprocal, and flushes subnormals to zero).
+_LOG_TOP_EXPONENT = 4
+
+
 def _top_value(cmap: _CodeMap, dtype: jnp.dtype) -> float:
     if cmap.log_steps is not None:
-        return 1.0
+        return float(2**_LOG_TOP_EXPONENT)
     return float(jnp.finfo(dtype).max)
 
 
@@ -476,7 +483,7 @@ def _value_of_rank(rank: jax.Array, storage: jnp.dtype, dtype: jnp.dtype) -> jax
     if cmap.log_steps is None:
         return _codes(rank, storage).astype(dtype)
     k = jnp.abs(rank)
-    exponent = (k - cmap.top).astype(dtype) / cmap.log_steps
+    exponent = (k - cmap.top).astype(dtype) / cmap.log_steps + _LOG_TOP_EXPONENT
     magnitude = jnp.where(k == 0, jnp.zeros((), dtype), jnp.exp2(exponent))
     return jnp.where(rank < 0, -magnitude, magnitude)
 
@@ -494,7 +501,7 @@ def _nearest_rank(x: jax.Array, storage: jnp.dtype) -> jax.Array:
     a = jnp.abs(x)
     positive = a > 0
     exponent = jnp.log2(jnp.where(positive, a, jnp.ones((), a.dtype)))
-    k = jnp.round(cmap.top + cmap.log_steps * exponent)
+    k = jnp.round(cmap.top + cmap.log_steps * (exponent - _LOG_TOP_EXPONENT))
     k = jnp.where(positive, jnp.clip(k, 0, cmap.top), 0).astype(jnp.int32)
     return jnp.where(x < 0, -k, k)
 
@@ -511,9 +518,20 @@ def _round_up_rank(
     stands for, and must not be pushed up a code for it.
     """
     cmap = _MAPS[storage]
-    back = _value_of_rank(rank, storage, target.dtype) * scale
+    back = _times_scale(_value_of_rank(rank, storage, target.dtype), scale)
     below = back < target * jnp.asarray(1 - tolerance, target.dtype)
     return jnp.where(below, jnp.minimum(rank + 1, cmap.top), rank)
+
+
+def _times_scale(values: jax.Array, scale: jax.Array) -> jax.Array:
+    """Code values times their block scale, saturating at the dtype's largest finite value.
+
+    A block whose largest value is near float32's maximum has a scale up to
+    twice as large as that value needs; its top codes would read back as
+    infinity.
+    """
+    big = jnp.asarray(jnp.finfo(values.dtype).max, values.dtype)
+    return jnp.clip(values * scale, -big, big)
 
 
 def _to_blocks(x: jax.Array, block_size: int) -> jax.Array:
@@ -552,8 +570,8 @@ def _fit(peak: jax.Array, base: jax.Array, top: float) -> jax.Array:
     j = jnp.clip(j, -300, 300)
     half = j // 2
     scale = jnp.ldexp(jnp.ldexp(base.astype(f32), half), j - half)
-    info = jnp.finfo(f32)
-    return jnp.clip(scale, f32(info.tiny), f32(info.max))
+    # Both the scale and its reciprocal stay normal numbers.
+    return jnp.clip(scale, f32(2.0**-126), f32(2.0**126))
 
 
 def _decode_blockwise(x: "EncodedMoment", dtype: jax.typing.DTypeLike) -> jax.Array:
@@ -563,7 +581,7 @@ def _decode_blockwise(x: "EncodedMoment", dtype: jax.typing.DTypeLike) -> jax.Ar
     blocks = _to_blocks(x.codes, x.block_size)
     values = _value_of_rank(_rank(blocks), storage, dtype)
     scale = x.scale.astype(jnp.float32).astype(dtype)[..., None]
-    return _from_blocks(values * scale, x.codes.shape[-1])
+    return _from_blocks(_times_scale(values, scale), x.codes.shape[-1])
 
 
 def _encode_blockwise(
@@ -598,9 +616,13 @@ def _encode_blockwise(
         peak = jnp.max(jnp.abs(vb), axis=-1).astype(jnp.float32)
         scale = jnp.where(peak > 0, _fit(peak, jnp.ones_like(peak), top), jnp.float32(1))
         s = scale.astype(cdt)[..., None]
-        x = vb / s
+        # Multiplied by the reciprocal (exact: a power of two), as jit would
+        # compute a division, so that eager and compiled steps agree.
+        inv = (1 / scale).astype(cdt)[..., None]
+        x = vb * inv
         rank = _nearest_rank(x, storage)
-        before = _value_of_rank(old_rank, storage, cdt) * previous.scale.astype(cdt)[..., None] / s
+        old_values = _value_of_rank(old_rank, storage, cdt)
+        before = _times_scale(old_values, previous.scale.astype(cdt)[..., None]) * inv
         prev_rank = _nearest_rank(before, storage)
         stalled = (rank == prev_rank) & (x != before) & (prev_rank != 0)
         lowest = -cmap.top if cmap.signed else 0
@@ -615,9 +637,12 @@ def _encode_blockwise(
         kept = jnp.where(peak > base * jnp.float32(top), _fit(peak, base, top), base)
         scale = jnp.where(empty, fresh, kept)
         s = scale.astype(cdt)[..., None]
-        x = vb / s
+        # The reciprocal of the scale, computed once, as jit computes a division
+        # by it; the rounding up below compares values read back as decode reads them.
+        inv = (1 / scale).astype(cdt)[..., None]
+        x = vb * inv
         rank = _round_up_rank(vb, _nearest_rank(x, storage), storage, s, tolerance=2.0**-16)
-        floor_rank = _nearest_rank(fb / s, storage)
+        floor_rank = _nearest_rank(fb * inv, storage)
         floor_rank = _round_up_rank(fb, floor_rank, storage, s, tolerance=0.0)
         rank = jnp.maximum(rank, floor_rank)
     codes = _from_blocks(_codes(rank, storage), n)

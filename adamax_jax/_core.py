@@ -228,4 +228,10 @@ def adamax_leaf(
             m_stored,
             v_stored,
         )
-    return divide(m_new / bc.astype(cdt), u), m_stored, v_stored
+    m_hat = m_new / bc.astype(cdt)
+    if _codecs.storage_dtype(m).itemsize == 1:
+        # An 8-bit μ may read back one code above the largest gradient it
+        # holds; near float32's maximum its bias-corrected value would overflow.
+        big = jnp.asarray(jnp.finfo(rdt).max, rdt).astype(cdt)
+        m_hat = jnp.clip(m_hat, -big, big)
+    return divide(m_hat, u), m_stored, v_stored

@@ -112,6 +112,28 @@ def scale_by_adamax(
     Rounding has no derivative; ``jax.grad`` through an update passes the
     derivative of the unrounded moments (the straight-through rule).
 
+    8-bit storage (``jnp.int8`` for either moment, ``jnp.uint8`` for ν only,
+    ``jnp.float8_e4m3fn``, ``jnp.float8_e5m2``) is block-wise, as in
+    bitsandbytes' 8-bit optimizers (Dettmers et al., 2022): the last axis is
+    cut into blocks of `block_size` values and each block has one float32
+    scale, so that the state is sharded like its parameter. float8 codes are
+    float8's own values; int8 and uint8 codes follow a logarithmic map
+    (``2^(k/7)`` and ``2^(k/14)`` apart, both spanning ``2^18`` below the
+    block's largest value), so that values far below the largest in their
+    block keep a relative precision that a linear map loses. Scales move by
+    powers of two, which these maps represent exactly. ν's scale decays by β₂
+    each step: a code carried over reads back exactly decayed, and changes only
+    when a gradient exceeds it; the scale grows by a power of two when one
+    does not fit. ν rounds up, so that it never reads back below ``|g|`` (+ ε
+    inside the max) nor below the decayed value it holds, and the step bound
+    ``α (1 - β₁) / (1 - β₁/β₂)`` holds as with 32-bit state. μ takes the least
+    power-of-two scale that holds its block, rounds to nearest, and moves one
+    code towards its value where rounding would leave it stalled. A value more
+    than ``2^18`` below its block's largest rounds to 0 (μ) or to the smallest
+    code (ν). Leaves of fewer than 4096 values keep 8-bit moments as plain
+    float32 arrays (bitsandbytes' threshold). Storage for complex parameters
+    is refused. See ``docs/low_precision_8bit.md`` for the measurements.
+
     Args:
         b1: Decay of the first moment, in [0, 1).
         b2: Decay of the infinity norm, in [0, 1].
@@ -123,15 +145,23 @@ def scale_by_adamax(
             modulus, and stores ν in the real dtype; "split" tracks the real
             and imaginary parts as two independent real parameters.
         mu_dtype: Storage dtype of ``mu``; defaults to the parameter's dtype.
+            Floating, or 8-bit: ``jnp.int8``, ``jnp.float8_e4m3fn``,
+            ``jnp.float8_e5m2``.
         nu_dtype: Storage dtype of ``nu``; defaults to the parameter's dtype.
+            Floating, or 8-bit: those of `mu_dtype` and ``jnp.uint8``.
+        block_size: Values per block of 8-bit storage, along the last axis
+            (None: 256). Under ``optax.inject_hyperparams`` pass it in
+            ``static_args``.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``. Its ``init`` takes
         arrays or ``jax.ShapeDtypeStruct`` leaves.
 
     Raises:
-        ValueError: For a hyperparameter out of range, or (in ``update``) a
-            state whose structure, shapes or layout does not fit.
+        ValueError: For a hyperparameter out of range, uint8 μ, a
+            `block_size` that is not a positive integer, 8-bit storage for
+            complex parameters (in ``init``), or (in ``update``) a state whose
+            structure, shapes or layout does not fit.
         TypeError: For a parameter or gradient leaf that is not a number.
     """
     return _scale_by_adamax(
@@ -608,6 +638,8 @@ def adamax(
         nu_dtype: Storage dtype of the infinity norm; defaults to the
             parameter's. Below 32 bits it is stored scaled so that it still
             decays, see :func:`scale_by_adamax`.
+        block_size: Values per block of 8-bit storage (None: 256), see
+            :func:`scale_by_adamax`.
         compensated: Add :func:`compensate_rounding` at the end, so that
             bfloat16 or float16 parameters keep updates smaller than their
             rounding step.
@@ -684,6 +716,8 @@ def adamaxw(
         complex_mode: "modulus" or "split", see :func:`scale_by_adamax`.
         mu_dtype: Storage dtype of the first moment.
         nu_dtype: Storage dtype of the infinity norm.
+        block_size: Values per block of 8-bit storage (None: 256), see
+            :func:`scale_by_adamax`.
         compensated: Add :func:`compensate_rounding` at the end.
 
     Returns:
@@ -758,6 +792,8 @@ def nadamax(
         complex_mode: "modulus" or "split", see :func:`scale_by_adamax`.
         mu_dtype: Storage dtype of the first moment.
         nu_dtype: Storage dtype of the infinity norm.
+        block_size: Values per block of 8-bit storage (None: 256), see
+            :func:`scale_by_adamax`.
         compensated: Add :func:`compensate_rounding` at the end.
 
     Returns:
