@@ -632,10 +632,13 @@ def _encode_blockwise(
         rank = jnp.where(stalled, moved, rank)
     else:
         fb = vb if floor is None else _to_blocks(floor.astype(cdt), bs)
-        peak = jnp.max(fb, axis=-1).astype(jnp.float32)
         base = base.astype(jnp.float32)
+        # max with the zeros of `base`: the gradient's peaks take the state's
+        # sharding (on Explicit mesh axes a select needs it in every operand).
+        peak = jnp.maximum(jnp.max(fb, axis=-1).astype(jnp.float32), jnp.zeros_like(base))
         empty = (jnp.max(jnp.abs(old_rank), axis=-1) == 0) | ~(base >= jnp.finfo(jnp.float32).tiny)
-        fresh = jnp.where(peak > 0, _fit(peak, jnp.ones_like(peak), top), jnp.float32(1))
+        one = jnp.ones_like(base)
+        fresh = jnp.where(peak > 0, _fit(peak, one, top), one)
         kept = jnp.where(peak > base * jnp.float32(top), _fit(peak, base, top), base)
         scale = jnp.where(empty, fresh, kept)
         s = scale.astype(cdt)[..., None]
