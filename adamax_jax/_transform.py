@@ -130,9 +130,10 @@ def scale_by_adamax(
     ``α (1 - β₁) / (1 - β₁/β₂)`` holds as with 32-bit state. μ takes the least
     power-of-two scale that holds its block, rounds to nearest, and moves one
     code towards its value where rounding would leave it stalled. A value
-    below the map's range rounds to 0 (μ) or to the smallest code (ν). Leaves of fewer than 4096 values keep 8-bit moments as plain
-    float32 arrays (bitsandbytes' threshold). Storage for complex parameters
-    is refused. See ``docs/low_precision_8bit.md`` for the measurements.
+    below the map's range rounds to 0 (μ) or to the smallest code (ν). Leaves
+    of fewer than 4096 values keep 8-bit moments as plain float32 arrays
+    (bitsandbytes' threshold). Storage for complex parameters is refused. See
+    ``docs/low_precision_8bit.md`` for the measurements.
 
     Args:
         b1: Decay of the first moment, in [0, 1).
