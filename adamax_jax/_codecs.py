@@ -116,20 +116,20 @@ def _zeros(p: Any, dtype: jnp.dtype) -> jax.Array:
     return zeros_like(p, dtype)
 
 
-def _ones_for_blocks(p: Any, block_size: int) -> jax.Array:
-    """Float32 ones shaped ``p.shape[:-1] + (n_blocks,)``, sharded like `p` where it can be."""
+def _block_scales(p: Any, block_size: int, fill: float) -> jax.Array:
+    """Float32 `fill` shaped ``p.shape[:-1] + (n_blocks,)``, sharded like `p` where it can be."""
     shape = tuple(p.shape[:-1]) + (-(-p.shape[-1] // block_size),)
     if isinstance(p, jax.ShapeDtypeStruct):
         sharding = getattr(p, "sharding", None)
         if sharding is not None:
             try:
-                return jnp.ones(shape, jnp.float32, device=sharding)
+                return jnp.full(shape, fill, jnp.float32, device=sharding)
             except ValueError:
                 pass
-        return jnp.ones(shape, jnp.float32)
+        return jnp.full(shape, fill, jnp.float32)
     # One value per block, read from `p`, so that under jit the scales follow
     # the sharding of the parameter along every axis.
-    return _zeros(jnp.asarray(p)[..., ::block_size], jnp.dtype(jnp.float32)) + jnp.float32(1)
+    return _zeros(jnp.asarray(p)[..., ::block_size], jnp.dtype(jnp.float32)) + jnp.float32(fill)
 
 
 def init_moment(
@@ -147,7 +147,8 @@ def init_moment(
             return _zeros(p, jnp.dtype(jnp.float32))
         return EncodedMoment(
             codes=_zeros(p, dtype),
-            scale=_ones_for_blocks(p, block_size),
+            # ν's scale 0: a block that holds nothing yet (see _encode_blockwise).
+            scale=_block_scales(p, block_size, 0.0 if role == "nu" else 1.0),
             codec=BLOCKWISE,
             block_size=block_size,
         )
@@ -393,7 +394,7 @@ def from_value(value: jax.Array, template: Any, role: Role) -> Any:
     mag = jnp.abs(value)
     fresh = EncodedMoment(
         codes=jnp.zeros_like(template.codes),
-        scale=jnp.ones_like(template.scale),
+        scale=(jnp.zeros_like if role == "nu" else jnp.ones_like)(template.scale),
         codec=template.codec,
         block_size=template.block_size,
     )
@@ -539,6 +540,8 @@ def _times_scale(values: jax.Array, scale: jax.Array) -> jax.Array:
 def _to_blocks(x: jax.Array, block_size: int) -> jax.Array:
     """`x` with its last axis cut into blocks: shape ``(..., n_blocks, block_size)``."""
     n = x.shape[-1]
+    # A last axis shorter than a block is one block, with nothing to pad.
+    block_size = min(block_size, n)
     n_blocks = -(-n // block_size)
     pad = n_blocks * block_size - n
     if pad:
@@ -551,27 +554,44 @@ def _from_blocks(x: jax.Array, n: int) -> jax.Array:
     return x if x.shape[-1] == n else x[..., :n]
 
 
-def _ceil_log2(r: jax.Array) -> jax.Array:
-    """The smallest integer ``j`` with ``2^j >= r``, for positive finite float32 `r`."""
-    mantissa, exponent = jnp.frexp(r)
-    return jnp.where(mantissa == 0.5, exponent - 1, exponent)
+def _bits(x: jax.Array) -> jax.Array:
+    return lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+
+
+def _pow2(j: jax.Array) -> jax.Array:
+    """``2^j`` in float32 for integer ``j`` in [-126, 127], built from its bits."""
+    return lax.bitcast_convert_type((j + 127) << 23, jnp.float32)
+
+
+def _split_mantissa(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x = m · 2^e`` with ``m`` in [1, 2), for positive normal float32 `x`."""
+    bits = _bits(x)
+    e = ((bits >> 23) & 0xFF) - 127
+    m = lax.bitcast_convert_type((bits & 0x7FFFFF) | 0x3F800000, jnp.float32)
+    return m, e
 
 
 def _fit(peak: jax.Array, base: jax.Array, top: float) -> jax.Array:
     """``base · 2^j`` for the least integer ``j`` with ``peak <= top · base · 2^j``.
 
-    The exponents of `peak` and `base` are compared apart from their mantissas,
-    so that no ratio overflows; the result saturates within float32's normal range.
+    Exponents and mantissas are taken from the bits (the scales are normal
+    float32 numbers): a handful of integer operations a block, where
+    ``jnp.frexp`` and ``jnp.ldexp`` cost many more and make a step over many
+    leaves slow to compile. The ratio of the mantissas stays small, so that
+    nothing overflows; the result saturates within [2^-126, 2^126].
     """
     f32 = jnp.float32
-    pm, pe = jnp.frexp(peak.astype(f32))
-    bm, be = jnp.frexp(base.astype(f32))
-    safe_pm = jnp.where(peak > 0, pm, f32(0.5))
-    j = pe - be + _ceil_log2(safe_pm / (bm * f32(top)))
-    # ldexp by at most float32's exponent range at a time.
-    j = jnp.clip(j, -300, 300)
+    tiny = f32(jnp.finfo(f32).tiny)
+    pm, pe = _split_mantissa(jnp.maximum(peak.astype(f32), tiny))
+    bm, be = _split_mantissa(jnp.maximum(base.astype(f32), tiny))
+    # r in (1 / (2 top), 2 / top]: 2^j_small >= r for the least such j_small.
+    rm, re = _split_mantissa(pm / (bm * f32(top)))
+    j = pe - be + re + (rm > 1).astype(jnp.int32)
+    j = jnp.clip(j, -250, 250)
     half = j // 2
-    scale = jnp.ldexp(jnp.ldexp(base.astype(f32), half), j - half)
+    scale = base.astype(f32) * _pow2(jnp.clip(half, -126, 127)) * _pow2(
+        jnp.clip(j - half, -126, 127)
+    )
     # Both the scale and its reciprocal stay normal numbers.
     return jnp.clip(scale, f32(2.0**-126), f32(2.0**126))
 
@@ -625,7 +645,15 @@ def _encode_blockwise(
         rank = _nearest_rank(x, storage)
         old_values = _value_of_rank(old_rank, storage, cdt)
         before = _times_scale(old_values, previous.scale.astype(cdt)[..., None]) * inv
-        prev_rank = _nearest_rank(before, storage)
+        if cmap.log_steps is None:
+            prev_rank = _nearest_rank(before, storage)
+        else:
+            # Both scales are powers of two: the old code in the new scale is
+            # a shift by whole octaves, exact, with no logarithm to take.
+            octaves = _split_mantissa(previous.scale)[1] - _split_mantissa(scale)[1]
+            k = jnp.abs(old_rank) + cmap.log_steps * octaves[..., None]
+            k = jnp.where(old_rank == 0, 0, jnp.clip(k, 0, cmap.top))
+            prev_rank = jnp.where(old_rank < 0, -k, k)
         stalled = (rank == prev_rank) & (x != before) & (prev_rank != 0)
         lowest = -cmap.top if cmap.signed else 0
         moved = jnp.clip(prev_rank + jnp.where(x > before, 1, -1), lowest, cmap.top)
@@ -636,19 +664,21 @@ def _encode_blockwise(
         # max with the zeros of `base`: the gradient's peaks take the state's
         # sharding (on Explicit mesh axes a select needs it in every operand).
         peak = jnp.maximum(jnp.max(fb, axis=-1).astype(jnp.float32), jnp.zeros_like(base))
-        empty = (jnp.max(jnp.abs(old_rank), axis=-1) == 0) | ~(base >= jnp.finfo(jnp.float32).tiny)
-        one = jnp.ones_like(base)
-        fresh = jnp.where(peak > 0, _fit(peak, one, top), one)
+        # A scale of 0 marks a block that holds nothing yet (a fresh state, or
+        # one decayed below float32's normal range): it takes a fresh power of
+        # two from its first nonzero gradient.
+        tiny = jnp.float32(jnp.finfo(jnp.float32).tiny)
+        zero = jnp.zeros_like(base)
+        fresh = jnp.where(peak > 0, _fit(peak, jnp.ones_like(base), top), zero)
         kept = jnp.where(peak > base * jnp.float32(top), _fit(peak, base, top), base)
-        scale = jnp.where(empty, fresh, kept)
+        scale = jnp.where(base >= tiny, kept, fresh)
         s = scale.astype(cdt)[..., None]
         # The reciprocal of the scale, computed once, as jit computes a division
         # by it; the rounding up below compares values read back as decode reads them.
-        inv = (1 / scale).astype(cdt)[..., None]
-        x = vb * inv
-        rank = _round_up_rank(vb, _nearest_rank(x, storage), storage, s, tolerance=2.0**-16)
-        floor_rank = _nearest_rank(fb * inv, storage)
-        floor_rank = _round_up_rank(fb, floor_rank, storage, s, tolerance=0.0)
-        rank = jnp.maximum(rank, floor_rank)
+        inv = (1 / jnp.maximum(scale, tiny)).astype(cdt)[..., None]
+        # One rounding up serves both bounds: never below this step's floor,
+        # nor (within float32 rounding) below the decayed value carried over.
+        target = jnp.maximum(fb, vb * jnp.asarray(1 - 2.0**-16, cdt))
+        rank = _round_up_rank(target, _nearest_rank(vb * inv, storage), storage, s, 0.0)
     codes = _from_blocks(_codes(rank, storage), n)
     return EncodedMoment(codes=codes, scale=scale, codec=BLOCKWISE, block_size=bs)
