@@ -589,8 +589,8 @@ def _fit(peak: jax.Array, base: jax.Array, top: float) -> jax.Array:
     j = pe - be + re + (rm > 1).astype(jnp.int32)
     j = jnp.clip(j, -250, 250)
     half = j // 2
-    scale = base.astype(f32) * _pow2(jnp.clip(half, -126, 127)) * _pow2(
-        jnp.clip(j - half, -126, 127)
+    scale = (
+        base.astype(f32) * _pow2(jnp.clip(half, -126, 127)) * _pow2(jnp.clip(j - half, -126, 127))
     )
     # Both the scale and its reciprocal stay normal numbers.
     return jnp.clip(scale, f32(2.0**-126), f32(2.0**126))
