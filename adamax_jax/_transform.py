@@ -227,8 +227,8 @@ def _scale_by_adamax(
     _check_hyperparameters(b1, b2, eps, eps_mode)
     _validation.check_bool("nesterov", nesterov)
     _validation.check_choice("complex_mode", complex_mode, COMPLEX_MODES)
-    _validation.check_dtype("mu_dtype", mu_dtype)
-    _validation.check_dtype("nu_dtype", nu_dtype)
+    _validation.check_storage_dtype("mu_dtype", mu_dtype)
+    _validation.check_storage_dtype("nu_dtype", nu_dtype)
     _validation.check_eight_bit("mu_dtype", mu_dtype, "nu_dtype", nu_dtype, block_size)
     # None, not 256, as the default: optax.inject_hyperparams would make a
     # number a traced hyperparameter, and the block size shapes the state.

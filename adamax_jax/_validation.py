@@ -95,15 +95,29 @@ def check_bool(name: str, value: Any) -> None:
 
 
 def check_dtype(name: str, value: Any) -> None:
-    """Raises ValueError unless `value` is None, a floating or complex dtype, int8 or uint8."""
+    """Raises ValueError unless `value` is None or a floating or complex dtype."""
     if value is None:
         return
     try:
         dtype = jnp.dtype(value)
     except TypeError as e:
         raise ValueError(f"`{name}` must be a floating dtype or None, got {value!r}.") from e
-    if not jnp.issubdtype(dtype, jnp.inexact) and dtype not in _EIGHT_BIT_INTEGERS:
+    if not jnp.issubdtype(dtype, jnp.inexact):
         raise ValueError(f"`{name}` must be a floating dtype or None, got {value!r}.")
+
+
+def check_storage_dtype(name: str, value: Any) -> None:
+    """Raises ValueError unless `value` is None, a floating or complex dtype, int8 or uint8.
+
+    The storage dtypes of the moments: int8 and uint8 are 8-bit block-wise storage.
+    """
+    if value is not None:
+        try:
+            if jnp.dtype(value) in _EIGHT_BIT_INTEGERS:
+                return
+        except TypeError:
+            pass
+    check_dtype(name, value)
 
 
 _EIGHT_BIT_INTEGERS = (np.dtype(np.int8), np.dtype(np.uint8))
