@@ -1,5 +1,7 @@
 """AdaMax for JAX, as optax gradient transformations over pytrees."""
 
+from adamax_jax._checkpoint import abstract_state as abstract_state
+from adamax_jax._checkpoint import check_state as check_state
 from adamax_jax._codecs import EncodedMoment as EncodedMoment
 from adamax_jax._precision import CompensateRoundingState as CompensateRoundingState
 from adamax_jax._precision import compensate_rounding as compensate_rounding
@@ -20,10 +22,12 @@ __all__ = [
     "CompensateRoundingState",
     "EncodedMoment",
     "ScaleByAdamaxState",
+    "abstract_state",
     "adamax",
     "adamax_state",
     "adamax_step",
     "adamaxw",
+    "check_state",
     "compensate_rounding",
     "convert_state",
     "infinity_norm",

@@ -19,6 +19,7 @@ import numpy as np
 from jax import lax
 
 from adamax_jax._precision import below_32_bits, store_moment
+from adamax_jax._sharding import zeros_like
 
 Role = Literal["mu", "nu"]
 
@@ -36,10 +37,6 @@ EIGHT_BIT: tuple[jnp.dtype, ...] = tuple(
 # counts most.
 MIN_BLOCKWISE_SIZE = 4096
 DEFAULT_BLOCK_SIZE = 256
-
-# A float16 code is kept at most this large, so that a gradient that passes the
-# float16 range moves the scale instead of overflowing the store.
-_FLOAT16_LIMIT = 2.0**14
 
 
 @jax.tree_util.register_dataclass
@@ -90,30 +87,15 @@ def codec_for(storage_dtype: jax.typing.DTypeLike, role: Role) -> str | None:
     """The codec of a moment stored in `storage_dtype`, or None for a plain array.
 
     ν below 32 bits is scaled, so that its per-step decay (far below half a unit
-    in the last place for the usual β₂) is not rounded away; μ in float16 is
-    scaled, so that it cannot overflow float16's narrow range. bfloat16 μ has
-    float32's range and is a plain array. 8-bit storage is block-wise.
+    in the last place for the usual β₂) is not rounded away. μ below 32 bits is
+    a plain array: its rounding rule needs no scale. 8-bit storage is block-wise.
     """
     dtype = jnp.dtype(storage_dtype)
     if dtype in EIGHT_BIT:
         return BLOCKWISE
-    if not below_32_bits(dtype):
-        return None
-    if role == "nu" or dtype == jnp.float16:
+    if role == "nu" and below_32_bits(dtype):
         return SCALED
     return None
-
-
-def _zeros(p: Any, dtype: jnp.dtype) -> jax.Array:
-    # Imported here: the sharding helpers live with the other sharding code.
-    from adamax_jax._sharding import zeros_like
-
-    if isinstance(p, jax.ShapeDtypeStruct):
-        sharding = getattr(p, "sharding", None)
-        if sharding is not None:
-            return jnp.zeros(p.shape, dtype, device=sharding)
-        return jnp.zeros(p.shape, dtype)
-    return zeros_like(p, dtype)
 
 
 def _block_scales(p: Any, block_size: int, fill: float) -> jax.Array:
@@ -129,7 +111,7 @@ def _block_scales(p: Any, block_size: int, fill: float) -> jax.Array:
         return jnp.full(shape, fill, jnp.float32)
     # One value per block, read from `p`, so that under jit the scales follow
     # the sharding of the parameter along every axis.
-    return _zeros(jnp.asarray(p)[..., ::block_size], jnp.dtype(jnp.float32)) + jnp.float32(fill)
+    return zeros_like(jnp.asarray(p)[..., ::block_size], jnp.dtype(jnp.float32)) + jnp.float32(fill)
 
 
 def init_moment(
@@ -144,18 +126,23 @@ def init_moment(
     dtype = jnp.dtype(storage_dtype)
     if dtype in EIGHT_BIT:
         if int(np.prod(p.shape)) < MIN_BLOCKWISE_SIZE:
-            return _zeros(p, jnp.dtype(jnp.float32))
+            return zeros_like(p, jnp.dtype(jnp.float32))
         return EncodedMoment(
-            codes=_zeros(p, dtype),
+            codes=zeros_like(p, dtype),
             # ν's scale 0: a block that holds nothing yet (see _encode_blockwise).
             scale=_block_scales(p, block_size, 0.0 if role == "nu" else 1.0),
             codec=BLOCKWISE,
             block_size=block_size,
         )
-    codes = _zeros(p, dtype)
+    codes = zeros_like(p, dtype)
     if codec_for(dtype, role) is None:
         return codes
     return EncodedMoment(codes=codes, scale=jnp.ones([], jnp.float32), codec=SCALED)
+
+
+def stored_values(x: Any) -> jax.Array:
+    """The parameter-shaped array of a stored moment: its codes, or the plain array."""
+    return x.codes if is_encoded(x) else x
 
 
 def storage_dtype(x: Any) -> jnp.dtype:
@@ -183,14 +170,10 @@ def check_moment(x: Any, where: str, role: Role) -> None:
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise ValueError(f"`{where}` is a {dtype} array; a moment must be floating point.")
         if codec_for(dtype, role) is not None:
-            why = (
-                "its decay would round away and it would never decrease"
-                if role == "nu"
-                else "it would overflow float16's range"
-            )
             raise ValueError(
                 f"`{where}` is a plain {dtype} array. A {role} stored in {dtype} must carry "
-                f"its scale (an `EncodedMoment`, as `opt.init` makes it), or {why}. {convert}"
+                "its scale (an `EncodedMoment`, as `opt.init` makes it), or its decay would "
+                f"round away and it would never decrease. {convert}"
             )
         return
     if x.codec not in CODECS:
@@ -204,10 +187,11 @@ def check_moment(x: Any, where: str, role: Role) -> None:
             f"`{where}.codes` is {codes}, but the {x.codec!r} codec stores a real floating "
             f"dtype: a cast changed it. {convert}"
         )
-    if not jnp.issubdtype(scale, jnp.floating) or jnp.shape(x.scale) != ():
+    if scale != jnp.float32 or jnp.shape(x.scale) != ():
         raise ValueError(
-            f"`{where}.scale` must be a floating scalar, got {scale} of shape "
-            f"{jnp.shape(x.scale)}. {convert}"
+            f"`{where}.scale` must be a float32 scalar, got {scale} of shape "
+            f"{jnp.shape(x.scale)}: a cast changed it (cast the state back, or convert it). "
+            f"{convert}"
         )
 
 
@@ -243,7 +227,11 @@ def decode(x: Any, dtype: jax.typing.DTypeLike) -> jax.Array:
     if x.codec == BLOCKWISE:
         return _decode_blockwise(x, dtype)
     rdt = jnp.finfo(dtype).dtype
-    return x.codes.astype(dtype) * x.scale.astype(rdt).astype(dtype)
+    value = x.codes.astype(dtype) * x.scale.astype(rdt).astype(dtype)
+    # A code rounded up next to the largest finite value can read back past it;
+    # the moment it stands for cannot, so neither does its value.
+    big = jnp.asarray(jnp.finfo(rdt).max, rdt).astype(value.dtype)
+    return jnp.clip(value, -big, big)
 
 
 def _pow2_at_least(ratio: jax.Array) -> jax.Array:
@@ -255,24 +243,18 @@ def _pow2_at_least(ratio: jax.Array) -> jax.Array:
     return jnp.ldexp(jnp.float32(1), j)
 
 
-def next_scale(
-    x: Any, role: Role, b2: jax.typing.ArrayLike, magnitude: jax.Array | None
-) -> jax.Array | None:
-    """The scale for this step's store of a scaled moment; None for a plain one.
+def next_scale(x: Any, role: Role, b2: jax.typing.ArrayLike) -> jax.Array | None:
+    """The scale for this step's store of a scaled ν; None for a plain moment.
 
-    For ν the decay is carried by the scale: ``s' = s β₂ 2^j`` with ``j >= 0``
-    the smallest that keeps ``s' >= 1``, so that a stored value that is not
+    The decay is carried by the scale: ``s' = s β₂ 2^j`` with ``j >= 0`` the
+    smallest that keeps ``s' >= 1``, so that a stored value that is not
     replaced is multiplied by the exact power of two ``2^-j`` (once every
-    ``log 2 / -log β₂`` steps) and keeps its bits. For μ the scale is a power of
-    two. In float16 the scale is also large enough that the largest magnitude
-    of this step stays below 2^14 in the codes: a gradient past float16's range
-    moves the scale (exactly, by a power of two) instead of overflowing.
+    ``log 2 / -log β₂`` steps) and keeps its bits.
 
     Args:
         x: The stored moment.
         role: "mu" or "nu".
-        b2: β₂, for ν.
-        magnitude: ``|g|`` (ν) or ``|g|`` (μ) of this step, in float32 or wider.
+        b2: β₂.
 
     Returns:
         A float32 scalar, or None.
@@ -284,15 +266,10 @@ def next_scale(
         # μ takes a fresh scale from its values in `encode`; ν's decays here.
         return scale * jnp.asarray(b2, jnp.float32) if role == "nu" else scale
     decayed = scale * jnp.asarray(b2, jnp.float32) if role == "nu" else scale
-    need = jnp.float32(1)
-    if jnp.dtype(x.codes.dtype) == jnp.float16 and magnitude is not None:
-        peak = jnp.max(magnitude, initial=0.0).astype(jnp.float32) / jnp.float32(_FLOAT16_LIMIT)
-        need = jnp.maximum(need, jnp.minimum(peak, jnp.finfo(jnp.float32).max))
-    # β₂ = 0 leaves nothing to decay: any scale will do; take the least.
+    # β₂ = 0 leaves nothing to decay: any scale will do; take 1.
     positive = decayed > 0
     base = jnp.where(positive, decayed, jnp.float32(1))
-    grown = base * _pow2_at_least(need / base)
-    return jnp.where(positive, grown, _pow2_at_least(need))
+    return jnp.where(positive, base * _pow2_at_least(1 / base), jnp.float32(1))
 
 
 @jax.custom_jvp
@@ -326,6 +303,7 @@ def encode(
     role: Role,
     scale: jax.Array | None,
     floor: jax.Array | None = None,
+    salt: jax.typing.ArrayLike = 0,
 ) -> Any:
     """Stores `value` in the layout and dtype of `previous`.
 
@@ -344,6 +322,7 @@ def encode(
         role: "mu" or "nu".
         scale: :func:`next_scale` of `previous`.
         floor: The least value a stored ν may read back as.
+        salt: Differs from step to step (the count), for μ's rounding draw.
 
     Returns:
         The stored moment, in the layout of `previous`.
@@ -359,7 +338,7 @@ def encode(
         if floor is not None:
             floor = floor / scale.astype(rdt)
     if role == "mu":
-        codes = store_moment(value, plain)
+        codes = store_moment(value, plain, salt)
     else:
         codes = value.astype(dtype)
         if floor is not None and below_32_bits(dtype) and not jnp.iscomplexobj(codes):
@@ -398,7 +377,7 @@ def from_value(value: jax.Array, template: Any, role: Role) -> Any:
         codec=template.codec,
         block_size=template.block_size,
     )
-    scale = next_scale(fresh, role, 1.0, mag.astype(jnp.float32))
+    scale = next_scale(fresh, role, 1.0)
     return encode(value, fresh, role, scale, floor=mag if role == "nu" else None)
 
 

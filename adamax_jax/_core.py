@@ -177,6 +177,10 @@ def adamax_leaf(
         mag = _split_apply(jnp.abs, gc)
     else:
         mag = jnp.abs(gc)
+        if jnp.issubdtype(cdt, jnp.complexfloating):
+            # The modulus of a complex number with both parts near the largest
+            # finite value is past it; u holds that largest value instead.
+            mag = jnp.minimum(mag, jnp.asarray(jnp.finfo(rdt).max, rdt))
     if eps_mode == "inside_max":
         mag = mag + (lax.complex(eps_r, eps_r) if split else eps_r)
     decay = jnp.asarray(b2, rdt)
@@ -186,9 +190,9 @@ def adamax_leaf(
         )
     else:
         v_new = jnp.maximum(mag, decay * _codecs.decode(v, mag.dtype))
-    m_stored = _codecs.encode(m_new, m, "mu", _codecs.next_scale(m, "mu", b2, jnp.abs(gc)))
+    m_stored = _codecs.encode(m_new, m, "mu", _codecs.next_scale(m, "mu", b2), salt=count)
     v_stored = _codecs.encode(
-        v_new, v, "nu", _codecs.next_scale(v, "nu", b2, mag), floor=None if split else mag
+        v_new, v, "nu", _codecs.next_scale(v, "nu", b2), floor=None if split else mag
     )
     if _codecs.storage_dtype(m).itemsize < 4 or _codecs.storage_dtype(v).itemsize < 4:
         # A step from the unrounded moments makes XLA recompute them from the
@@ -217,6 +221,7 @@ def adamax_leaf(
         )
 
     if nesterov:
+        assert bc_next is not None, "Nesterov momentum needs the correction for t + 1."
         # Each ratio is divided by u first: m/u and g/u are at most about 1,
         # where β₁ m / (1 - β₁^(t+1)) + (1 - β₁) g / (1 - β₁^t) can overflow
         # for gradients near the dtype's largest value.
@@ -228,10 +233,13 @@ def adamax_leaf(
             m_stored,
             v_stored,
         )
+    # m̂ = m / (1 - β₁^t) is a weighted mean of the gradients, so at most the
+    # largest finite value; the roundings of m and of the correction can take
+    # it one ulp past that, to infinity, where a gradient is that large.
     m_hat = m_new / bc.astype(cdt)
-    if _codecs.storage_dtype(m).itemsize == 1:
-        # An 8-bit μ may read back one code above the largest gradient it
-        # holds; near float32's maximum its bias-corrected value would overflow.
-        big = jnp.asarray(jnp.finfo(rdt).max, rdt).astype(cdt)
+    big = jnp.asarray(jnp.finfo(rdt).max, rdt)
+    if jnp.issubdtype(cdt, jnp.complexfloating):
+        m_hat = lax.complex(jnp.clip(m_hat.real, -big, big), jnp.clip(m_hat.imag, -big, big))
+    else:
         m_hat = jnp.clip(m_hat, -big, big)
     return divide(m_hat, u), m_stored, v_stored

@@ -5,9 +5,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from adamax_jax import _validation
-from adamax_jax._sharding import zeros_like
+from adamax_jax._sharding import reshard_like, zeros_like
 from adamax_jax._tree import map_unzip
 
 
@@ -16,53 +17,83 @@ def below_32_bits(dtype: jax.typing.DTypeLike) -> bool:
     return jnp.dtype(dtype).itemsize < 4 and jnp.issubdtype(dtype, jnp.floating)
 
 
-def store_moment(value: jax.Array, previous: jax.Array) -> jax.Array:
+def store_moment(
+    value: jax.Array, previous: jax.Array, salt: jax.typing.ArrayLike = 0
+) -> jax.Array:
     """Rounds a new first moment to the storage dtype of `previous`.
 
     Where that dtype has fewer than 32 bits, rounding to nearest would send a
     moment that moved by less than half a unit in the last place back onto
     its previous value: a moment approaching a steady gradient stalls up to
-    ``ulp / (2 (1 - β₁))`` short of it (2 to 4 % in bfloat16 for β₁ = 0.9), and
-    every step taken from it is that much off. Such a store moves by one unit
-    in the last place instead, towards the new value: a moment approaching a
-    steady gradient reaches it and then alternates between the two values
-    around it. Away from zero, only a normal previous value is moved so: one
-    unit in the last place of zero or of a subnormal can be many times the
-    moment itself, and a step taken from it would be as far off; towards zero
-    the move is always made, so that a decaying moment reaches 0. Every other
-    store rounds to nearest, as do all stores of 32 bits or more.
+    ``ulp / (2 (1 - β₁))`` short of it (2 to 4 % in bfloat16 for β₁ = 0.9,
+    half the gradient for β₁ = 0.999), and every step taken from it is that
+    much off. Moving such a store by a whole unit in the last place instead
+    takes the moment to a steady gradient ``ulp / |Δ|`` times too fast (four
+    times for β₁ = 0.999 in bfloat16), and rounding to nearest a move of
+    between half a unit and one does the same. So every such store is rounded
+    stochastically: to the representable value above or below, with the
+    probabilities that make its expected value the new value. The moment then
+    follows the exact recursion on average, with a zero-mean noise of about
+    ``ulp / sqrt(6 (1 - β₁²))`` (0.4 % in bfloat16 for β₁ = 0.9). The draw is
+    a hash of the two values and `salt` (the step count): deterministic, and
+    fresh at every step. A store beyond the dtype's range saturates at its
+    largest finite value. Stores of 32 bits or more round to nearest.
 
     Its derivative is that of the value (the straight-through rule): the
     rounding itself has none.
 
     Args:
-        value: The new moment, in the compute dtype.
+        value: The new moment, in the compute dtype (float32 or wider).
         previous: The stored moment of the last step.
+        salt: An integer that differs from step to step, such as the count.
 
     Returns:
         The moment to store, in the dtype of `previous`.
+
+    References:
+        Gupta et al., `Deep Learning with Limited Numerical Precision
+        <https://arxiv.org/abs/1502.02551>`_, 2015 (stochastic rounding).
     """
     if not below_32_bits(previous.dtype):
         return value.astype(previous.dtype)
-    return _store_nudged(value, previous)
+    return _store_stochastic(value, previous, jnp.asarray(salt).astype(jnp.uint32))
+
+
+def uniform_hash(a: jax.Array, b: jax.Array, salt: jax.Array) -> jax.Array:
+    """A float32 in [0, 1) per element, from the bits of `a`, `b` and `salt`.
+
+    A counter-based mix (the finaliser of MurmurHash3): deterministic, cheap,
+    with no key to carry and no index, so that it follows any sharding.
+    """
+    x = lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
+    y = lax.bitcast_convert_type(b.astype(jnp.float32), jnp.uint32)
+    h = x ^ ((y << 13) | (y >> 19)) ^ (salt * jnp.uint32(0x9E3779B9))
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    h = h ^ (h >> 16)
+    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
 @jax.custom_jvp
-def _store_nudged(value: jax.Array, previous: jax.Array) -> jax.Array:
+def _store_stochastic(value: jax.Array, previous: jax.Array, salt: jax.Array) -> jax.Array:
     dtype = previous.dtype
-    rounded = value.astype(dtype)
-    before = previous.astype(value.dtype)
-    safe = (jnp.abs(previous) >= jnp.finfo(dtype).tiny) | (jnp.abs(value) < jnp.abs(before))
-    stalled = (rounded == previous) & (value != before) & safe
-    toward = jnp.where(value > before, jnp.inf, -jnp.inf).astype(dtype)
-    return jnp.where(stalled, jnp.nextafter(previous, toward), rounded)
+    nearest = value.astype(dtype)
+    here = nearest.astype(value.dtype)
+    # The representable neighbour on the other side of the value.
+    other = jnp.nextafter(nearest, jnp.where(value > here, jnp.inf, -jnp.inf).astype(dtype))
+    gap = jnp.abs(other.astype(value.dtype) - here)
+    # Taken with probability |value - nearest| / gap (at most 1/2): unbiased.
+    take = uniform_hash(value, previous, salt) * gap < jnp.abs(value - here)
+    big = jnp.asarray(jnp.finfo(dtype).max, dtype)
+    return jnp.clip(jnp.where(take, other, nearest), -big, big)
 
 
-@_store_nudged.defjvp
-def _store_nudged_jvp(primals, tangents):
-    value, previous = primals
-    dvalue, _ = tangents
-    return _store_nudged(value, previous), dvalue.astype(previous.dtype)
+@_store_stochastic.defjvp
+def _store_stochastic_jvp(primals, tangents):
+    value, previous, salt = primals
+    return _store_stochastic(value, previous, salt), tangents[0].astype(previous.dtype)
 
 
 class CompensateRoundingState(NamedTuple):
@@ -102,7 +133,9 @@ def compensate_rounding(
         return CompensateRoundingState(jax.tree.map(init_leaf, params))
 
     def update_fn(
-        updates: optax.Updates, state: CompensateRoundingState, params: optax.Params = None
+        updates: optax.Updates,
+        state: CompensateRoundingState,
+        params: optax.Params | None = None,
     ) -> tuple[optax.Updates, CompensateRoundingState]:
         if params is None:
             raise ValueError("`compensate_rounding` needs `params` in `update`.")
@@ -111,18 +144,31 @@ def compensate_rounding(
         def leaf(c, u, p):
             if c is None:
                 return u, None
+            # On Explicit axes the buffer's layout rules (ZeRO-1 splits it further).
+            layout, u, p = u, reshard_like(u, c), reshard_like(p, c)
             exact = p.astype(jnp.float32) + (u.astype(jnp.float32) + c.astype(jnp.float32))
             rounded = exact.astype(p.dtype)
             delta = (rounded.astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
             # What optax.apply_updates computes; the buffer keeps whatever it
             # misses, so the sum stays right even where delta itself rounds.
-            landed = jnp.asarray(p + delta).astype(p.dtype)
-            return delta, (exact - landed.astype(jnp.float32)).astype(c.dtype)
+            # reduce_precision rounds as the separate add will: compiled, a
+            # plain `p + delta` here may be kept in float32 (XLA's excess
+            # precision), and at a tie the buffer would then be off by half a
+            # unit in the last place.
+            info = jnp.finfo(p.dtype)
+            landed = lax.reduce_precision(
+                p.astype(jnp.float32) + delta.astype(jnp.float32),
+                exponent_bits=info.nexp,
+                mantissa_bits=info.nmant,
+            )
+            return reshard_like(delta, layout), (exact - landed).astype(c.dtype)
 
         new_updates, compensation = map_unzip(leaf, 2, state.compensation, updates, params)
         return new_updates, CompensateRoundingState(compensation)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    # optax types a state as an array tree (`chex.ArrayTree`), which has no room for a
+    # NamedTuple state with `None` fields, nor for an update that names its state type.
+    return optax.GradientTransformation(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def state_bytes(state: Any) -> int:

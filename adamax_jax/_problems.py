@@ -8,7 +8,7 @@ scikit-learn's bundled copy (no download); scikit-learn is imported only by
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +87,11 @@ TOY_LEARNING_RATE = 0.01
 TOY_STEPS = 1000
 
 
-def cubic(x: jax.Array) -> jax.Array:
+# The toy functions take NumPy arrays (for plots) as well as JAX arrays.
+ArrayT = TypeVar("ArrayT", jax.Array, np.ndarray)
+
+
+def cubic(x: ArrayT) -> ArrayT:
     """The 1-D toy function, ``x - x³``."""
     return x - x**3
 
@@ -97,7 +101,7 @@ def cubic_grad(x: jax.Array) -> jax.Array:
     return 1 - 3 * x**2
 
 
-def quadratic(p: jax.Array) -> jax.Array:
+def quadratic(p: ArrayT) -> ArrayT:
     """The 2-D toy function, ``2x² + 2xy + 2y² - 6x``, of ``p = (x, y)``."""
     x, y = p[..., 0], p[..., 1]
     return 2 * x**2 + 2 * x * y + 2 * y**2 - 6 * x
@@ -144,7 +148,7 @@ def _trajectory(opt, grad_fn, x0, steps):
         def body(carry, _):
             x, state = carry
             updates, state = opt.update(grad_fn(x), state, x)
-            x = optax.apply_updates(x, updates)
+            x = cast(jax.Array, optax.apply_updates(x, updates))
             return (x, state), x
 
         _, xs = jax.lax.scan(body, (x0, opt.init(x0)), length=steps)
@@ -222,9 +226,9 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Digits:
     """
     from sklearn.datasets import load_digits as sklearn_load_digits
 
-    data = sklearn_load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int32)
+    pixels, labels = sklearn_load_digits(return_X_y=True)
+    x = (pixels / 16.0).astype(np.float32)
+    y = labels.astype(np.int32)
     order = np.random.default_rng(seed).permutation(len(y))
     n_test = int(round(test_fraction * len(y)))
     test, train = order[:n_test], order[n_test:]
@@ -317,7 +321,7 @@ def train_mlp(
         order = jax.random.permutation(key, x_train.shape[0])[: n_batches * batch_size]
         batches = order.reshape(n_batches, batch_size)
 
-        def step(carry, idx):
+        def step(carry: tuple[Any, Any], idx: jax.Array) -> tuple[tuple[Any, Any], jax.Array]:
             params, state = carry
             loss, grads = jax.value_and_grad(mlp_loss)(params, x_train[idx], y_train[idx])
             updates, state = opt.update(grads, state, params)

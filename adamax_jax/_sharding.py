@@ -1,5 +1,6 @@
 """Sharding helpers: optimizer state that lives where the parameters live."""
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -22,6 +23,12 @@ def zeros_like(x: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike | None = Non
     of `x`; it costs one pass at initialisation only. On ``Explicit`` axes the
     sharding is part of the type, and every operand carries that of `x`.
     """
+    if isinstance(x, jax.ShapeDtypeStruct):
+        # Abstract parameters: zeros of that shape, on their sharding if they have one.
+        target = jnp.dtype(x.dtype if dtype is None else dtype)
+        if getattr(x, "sharding", None) is not None:
+            return jnp.zeros(x.shape, target, device=x.sharding)
+        return jnp.zeros(x.shape, target)
     x = jnp.asarray(x)
     dtype = jnp.dtype(x.dtype if dtype is None else dtype)
     if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
@@ -43,6 +50,46 @@ def _spec_axes(entry: Any) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def _normalized_spec(spec: Any, ndim: int) -> tuple[tuple[str, ...], ...]:
+    entries = [_spec_axes(e) for e in spec]
+    return tuple(entries + [()] * (ndim - len(entries)))
+
+
+def reshard_like(x: Any, like: Any) -> Any:
+    """`x` resharded to the layout of `like`, where that layout is on ``Explicit`` axes.
+
+    On ``Explicit`` mesh axes a sharding is part of an array's type, and an
+    operation on two arrays split differently over the same dimension (a
+    gradient split over "model", its ZeRO-1 state over ``("model", "data")``)
+    is a type error. This moves `x` to the sharding of `like` with
+    ``jax.sharding.reshard``, which costs what moving the data costs: a slice
+    where `like` is split further, an all-gather where it is split less. On
+    ``Auto`` axes, and where the two layouts agree already, `x` is returned as
+    it is, and the compiler places the data.
+
+    Args:
+        x: An array, or ``None``.
+        like: An array of the same shape whose layout `x` takes, or ``None``.
+
+    Returns:
+        `x`, resharded where the types require it.
+    """
+    if x is None or like is None:
+        return x
+    target = jax.typeof(like).sharding
+    if not isinstance(target, NamedSharding) or not target.mesh.explicit_axes:
+        return x
+    ndim = len(jnp.shape(like))
+    source = jax.typeof(x).sharding
+    if (
+        isinstance(source, NamedSharding)
+        and source.mesh.explicit_axes
+        and _normalized_spec(source.spec, ndim) == _normalized_spec(target.spec, ndim)
+    ):
+        return x
+    return jax.sharding.reshard(x, target)
+
+
 def _abstract_param(path: Any, leaf: Any, mesh: Mesh) -> jax.ShapeDtypeStruct:
     sharding = getattr(leaf, "sharding", None)
     if isinstance(sharding, NamedSharding):
@@ -57,6 +104,59 @@ def _abstract_param(path: Any, leaf: Any, mesh: Mesh) -> jax.ShapeDtypeStruct:
         # Host arrays and arrays on one device are taken as replicated over the mesh.
         sharding = NamedSharding(mesh, PartitionSpec())
     return jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf), sharding=sharding)
+
+
+def params_mesh(params: Any) -> Mesh | None:
+    """The one mesh the leaves of `params` are sharded over, or ``None`` if none is.
+
+    Raises:
+        ValueError: If leaves of `params` are sharded over different meshes.
+    """
+    found = None
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        sharding = getattr(leaf, "sharding", None)
+        if not isinstance(sharding, NamedSharding) or not isinstance(sharding.mesh, Mesh):
+            continue
+        if found is None:
+            found = (path, sharding.mesh)
+        elif not _same_mesh(sharding.mesh, found[1]):
+            raise ValueError(
+                f"`params`{jax.tree_util.keystr(path)} is sharded over a mesh with axes "
+                f"{dict(sharding.mesh.shape)}, `params`{jax.tree_util.keystr(found[0])} over "
+                f"one with axes {dict(found[1].shape)}; all must share one mesh."
+            )
+    return None if found is None else found[1]
+
+
+def init_placement(opt: optax.GradientTransformation, params: Any, mesh: Mesh | None) -> Any:
+    """The shapes of ``opt.init(params)`` and the shardings ``jax.jit(opt.init)`` gives it.
+
+    The compiler's own placement of the state, so that any transformation in
+    `opt` is covered, whether or not it shards its state like the parameters.
+    With a `mesh`, leaves of `params` without a ``NamedSharding`` count as
+    replicated over it, and the mesh context gives arrays that ``opt.init``
+    makes from nothing (on Explicit axes) the devices of the mesh. Without
+    one, the parameters' own shardings (or the default device) are used.
+    """
+    if mesh is not None:
+        abstract = jax.tree_util.tree_map_with_path(
+            lambda p, x: _abstract_param(p, x, mesh), params
+        )
+        context: Any = jax.set_mesh(mesh)
+    else:
+
+        def plain(x: Any) -> jax.ShapeDtypeStruct:
+            sharding = getattr(x, "sharding", None)
+            sharding = sharding if isinstance(sharding, jax.sharding.Sharding) else None
+            return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=sharding)
+
+        abstract = jax.tree.map(plain, params)
+        context = contextlib.nullcontext()
+    init = jax.jit(opt.init)
+    with context:
+        shapes = jax.eval_shape(init, abstract)
+        placed = init.lower(abstract).compile().output_shardings
+    return shapes, placed
 
 
 def _split(
@@ -149,15 +249,7 @@ def zero1_state_shardings(
             f"`axis` must name one or more distinct axes of `mesh` {tuple(mesh.axis_names)}, "
             f"got {axis!r}."
         )
-    abstract = jax.tree_util.tree_map_with_path(lambda p, x: _abstract_param(p, x, mesh), params)
-    # The compiler's own placement of the state, so that any transformation in
-    # `opt` is covered, whether or not it shards its state like the parameters.
-    # The mesh context gives arrays that `opt.init` makes from nothing (on
-    # Explicit axes) the devices of the mesh.
-    init = jax.jit(opt.init)
-    with jax.set_mesh(mesh):
-        shapes = jax.eval_shape(init, abstract)
-        placed = init.lower(abstract).compile().output_shardings
+    shapes, placed = init_placement(opt, params, mesh)
 
     def leaf(shape: jax.ShapeDtypeStruct, sharding: Any, block: int | None = None) -> Any:
         spec = ()

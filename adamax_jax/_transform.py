@@ -1,5 +1,6 @@
 """AdaMax as optax transformations, the user-facing aliases and the functional step."""
 
+import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -20,7 +21,8 @@ from adamax_jax._core import (
     nu_storage_dtype,
     real_dtype,
 )
-from adamax_jax._precision import compensate_rounding
+from adamax_jax._precision import below_32_bits, compensate_rounding
+from adamax_jax._sharding import reshard_like
 from adamax_jax._tree import is_leaf, map_unzip
 
 
@@ -44,21 +46,26 @@ class ScaleByAdamaxState(NamedTuple):
         nu: The infinity norm ``u_t``, shaped like the parameters.
     """
 
-    count: jax.Array
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride] (a field, as in optax)
     mu: optax.Updates
     nu: optax.Updates
 
 
-def _check_hyperparameters(b1: Any, b2: Any, eps: Any, eps_mode: Any) -> None:
-    _validation.check_interval("b1", b1, 0.0, 1.0, high_open=True)
-    _validation.check_interval("b2", b2, 0.0, 1.0)
-    _validation.check_nonnegative_finite("eps", eps)
+def _check_hyperparameters(b1: Any, b2: Any, eps: Any, eps_mode: Any) -> tuple[Any, Any, Any]:
+    """β₁, β₂ and ε read as Python floats (traced ones as 0-d arrays), range-checked."""
     _validation.check_choice("eps_mode", eps_mode, EPS_MODES)
+    return (
+        _validation.check_interval("b1", b1, 0.0, 1.0, high_open=True),
+        _validation.check_interval("b2", b2, 0.0, 1.0),
+        _validation.check_nonnegative_finite("eps", eps),
+    )
 
 
 def _guard_zero_denominator(eps: Any, eps_mode: str) -> bool:
-    # Only when the denominator can be zero: then u = 0, every gradient so far
-    # was 0, m = 0 too, and the step is 0 rather than 0/0. With ε in either
+    # Only when the denominator can be zero: then u = 0, and either every
+    # gradient so far was 0 (m = 0 too: the step is 0 rather than 0/0), or β₂ <
+    # β₁ let u underflow to 0 before m, where the exact step m/u is unbounded
+    # and 0 is given rather than ±inf. With ε in either
     # place the denominator is at least ε, unless ε is traced or so small that
     # it flushes to zero in float32 (after the gain of a scaled ν, >= 1/2).
     if eps_mode == "none" or not isinstance(eps, numbers.Real):
@@ -138,7 +145,7 @@ def scale_by_adamax(
     Args:
         b1: Decay of the first moment, in [0, 1).
         b2: Decay of the infinity norm, in [0, 1].
-        eps: ε, finite and >= 0; where it goes depends on `eps_mode`.
+        eps: ε, >= 0 and finite in float32; where it goes depends on `eps_mode`.
         eps_mode: "denominator" (``m̂/(u + ε)``), "inside_max"
             (``u = max(β₂u, |g| + ε)``, ``m̂/u``) or "none" (the paper's rule).
         nesterov: Use Nesterov momentum (NadaMax), see :func:`nadamax`.
@@ -224,11 +231,11 @@ def _scale_by_adamax(
     The aliases use the latter, so that the learning rate and weight decay act
     on the float32 direction and a low-precision update is rounded once.
     """
-    _check_hyperparameters(b1, b2, eps, eps_mode)
+    b1, b2, eps = _check_hyperparameters(b1, b2, eps, eps_mode)
     _validation.check_bool("nesterov", nesterov)
     _validation.check_choice("complex_mode", complex_mode, COMPLEX_MODES)
-    _validation.check_storage_dtype("mu_dtype", mu_dtype)
-    _validation.check_storage_dtype("nu_dtype", nu_dtype)
+    _validation.check_moment_dtype("mu_dtype", mu_dtype)
+    _validation.check_moment_dtype("nu_dtype", nu_dtype)
     _validation.check_eight_bit("mu_dtype", mu_dtype, "nu_dtype", nu_dtype, block_size)
     # None, not 256, as the default: optax.inject_hyperparams would make a
     # number a traced hyperparameter, and the block size shapes the state.
@@ -238,6 +245,7 @@ def _scale_by_adamax(
     def init_fn(params: optax.Params) -> ScaleByAdamaxState:
         params = jax.tree.map(_as_leaf, params, is_leaf=_is_none)
         _validation.check_trainable(params)
+        _validation.check_storage_dtypes(params, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
         def mu_leaf(p):
             dtype = jnp.dtype(p.dtype) if mu_dtype is None else jnp.dtype(mu_dtype)
@@ -273,9 +281,20 @@ def _scale_by_adamax(
             params = jax.tree.map(_as_leaf, params, is_leaf=_is_none)
             _validation.check_same_structure("params", params, "state.mu", state.mu)
         # A state cast to floating point (optax.tree.cast) keeps its count as a
-        # whole number; the step is that number.
+        # whole number, exactly where the float has 32 bits or more; the step is
+        # that number. A narrower float cannot count past 256 (bfloat16).
         count_in = jnp.asarray(state.count)
-        count = optax.safe_increment(count_in)
+        count_dtype = jnp.dtype(count_in.dtype)
+        if not (
+            jnp.issubdtype(count_dtype, jnp.integer)
+            or (jnp.issubdtype(count_dtype, jnp.floating) and count_dtype.itemsize >= 4)
+        ):
+            raise ValueError(
+                f"`state.count` is {count_dtype}, which cannot count the steps exactly: a cast "
+                "changed it. Cast it back to int32, or convert the state with "
+                "`adamax_jax.convert_state(state, opt, params)`."
+            )
+        count = jnp.asarray(optax.safe_increment(count_in))
         t = count if jnp.issubdtype(count.dtype, jnp.integer) else _float_count(count)
 
         corrections: dict[jnp.dtype, Any] = {}
@@ -294,8 +313,9 @@ def _scale_by_adamax(
             rdt = real_dtype(compute_dtype(g.dtype))
             if rdt not in corrections:
                 corrections[rdt] = bias_corrections(b1, t, rdt, nesterov)
+            # On Explicit axes the state's layout rules (ZeRO-1 splits it further).
             direction, m_new, v_new = adamax_leaf(
-                g,
+                reshard_like(g, _codecs.stored_values(m)),
                 m,
                 v,
                 t,
@@ -308,9 +328,12 @@ def _scale_by_adamax(
                 guard_zero=guard,
                 corrections=corrections[rdt],
             )
-            if not float32_updates:
-                direction = direction.astype(g.dtype)
-            return direction, m_new, v_new
+            if float32_updates:
+                # The aliases keep the update in the state's layout through the weight
+                # decay, the learning rate and compensate_rounding, and hand it back
+                # in the parameters' layout once, at the end: one gather, not two.
+                return direction, m_new, v_new
+            return reshard_like(direction.astype(g.dtype), g), m_new, v_new
 
         results = [
             leaf(path, m, g, v, p) for (path, m), g, v, p in zip(paths, grads, nus, ps, strict=True)
@@ -318,7 +341,9 @@ def _scale_by_adamax(
         directions, mu, nu = (treedef.unflatten([r[i] for r in results]) for i in range(3))
         return directions, ScaleByAdamaxState(count=count, mu=mu, nu=nu)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # optax types a state as an array tree (`chex.ArrayTree`), which has no room for a
+    # NamedTuple state with `None` fields, nor for an update that names its state type.
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def _codecs_leaf(x: Any) -> bool:
@@ -417,9 +442,13 @@ def convert_state(
     dtype), or from a state of this package with other storage dtypes: the
     moments are decoded to their values, then stored the way ``opt.init(params)``
     stores them (with a fresh scale where the target layout has one). The step
-    count is carried over, and so is the count of a learning-rate schedule
-    (``optax.ScaleByScheduleState``) where both states hold exactly one; every
-    other part of the returned state is ``opt.init(params)``'s.
+    count is carried over (saturating at the int32 maximum), and so is the
+    clock of a learning-rate schedule (the count of
+    ``optax.ScaleByScheduleState``, or of ``optax.inject_hyperparams`` and the
+    schedules it wraps), read from the first such count in `state`; every
+    other part of the returned state is ``opt.init(params)``'s. optax keeps
+    Adam's state in the same type as AdaMax's (``ScaleByAdamState``), so an
+    ``optax.adam`` state would be taken for one: convert only AdaMax states.
 
     Args:
         state: The state to convert: anything holding exactly one
@@ -443,9 +472,8 @@ def convert_state(
         >>> import optax
         >>> import adamax_jax as ax
         >>> params = {"w": jnp.ones(3)}
-        >>> old = optax.adamax(1e-3)
-        >>> state = old.init(params)
-        >>> _, state = old.update({"w": jnp.full(3, 0.5)}, state, params)
+        >>> count, mu, nu = jnp.array(1), {"w": jnp.full(3, 0.05)}, {"w": jnp.full(3, 0.5)}
+        >>> state = (optax.ScaleByAdamState(count, mu, nu), optax.EmptyState())
         >>> new = ax.adamax(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
         >>> state = ax.convert_state(state, new, params)
         >>> print(ax.infinity_norm(state)["w"])
@@ -461,43 +489,78 @@ def convert_state(
     source = found[0][1]
     target = opt.init(params)
     inner = adamax_state(target)
-    _validation.check_same_structure("state.mu", source.mu, "params", params)
-    _validation.check_same_structure("state.nu", source.nu, "params", params)
 
-    def moment(value: Any, template: Any, role: str) -> Any:
-        if template is None:
-            return None
+    def masked(x: Any) -> bool:
+        return isinstance(x, optax.MaskedNode)
+
+    def leaf_or_masked(x: Any) -> bool:
+        return is_leaf(x) or masked(x)
+
+    def moment(template: Any, value: Any, role: str) -> Any:
+        if template is None or masked(template):
+            # A parameter `opt` leaves out (optax.masked) has no moment to fill.
+            return template
+        if value is None or masked(value):
+            raise ValueError(f"`state` has no {role} for a parameter that `opt` updates.")
+        if jnp.shape(value) != jnp.shape(template):
+            raise ValueError(
+                f"`state` holds a {role} of shape {jnp.shape(value)} where `opt` keeps one of "
+                f"shape {jnp.shape(template)}."
+            )
         real = _codecs.decode(value, compute_dtype(_codecs.storage_dtype(value)))
+        if jnp.iscomplexobj(real) and not jnp.iscomplexobj(_codecs.stored_values(template)):
+            # optax keeps ν of a complex parameter as complex numbers: u and 0j.
+            real = real.real
         return _codecs.from_value(real, template, role)  # type: ignore[arg-type]
 
-    mu = jax.tree.map(lambda v, t: moment(v, t, "mu"), source.mu, inner.mu, is_leaf=is_leaf)
-    nu = jax.tree.map(lambda v, t: moment(v, t, "nu"), source.nu, inner.nu, is_leaf=is_leaf)
-    count = jnp.asarray(source.count).astype(inner.count.dtype)
-    converted = ScaleByAdamaxState(count=count, mu=mu, nu=nu)
+    _validation.check_same_structure("state.mu", source.mu, "params", params)
+    _validation.check_same_structure("state.nu", source.nu, "params", params)
+    mu = jax.tree.map(lambda t, v: moment(t, v, "mu"), inner.mu, source.mu, is_leaf=leaf_or_masked)
+    nu = jax.tree.map(lambda t, v: moment(t, v, "nu"), inner.nu, source.nu, is_leaf=leaf_or_masked)
+    converted = ScaleByAdamaxState(
+        count=_step_count(source.count, "count", inner.count.dtype), mu=mu, nu=nu
+    )
 
-    def schedule_counts(tree: Any) -> list[Any]:
-        def is_schedule(x: Any) -> bool:
-            return isinstance(x, optax.ScaleByScheduleState)
+    # The learning rate's own clock: a schedule's count, or inject_hyperparams' (its
+    # `count` and the count of each wrapped schedule's state).
+    def is_counter(x: Any) -> bool:
+        return (
+            isinstance(x, tuple)
+            and hasattr(x, "_fields")
+            and "count" in x._fields
+            and not isinstance(x, (ScaleByAdamaxState, optax.ScaleByAdamState))
+        )
 
-        return [s for s in jax.tree.leaves(tree, is_leaf=is_schedule) if is_schedule(s)]
+    def counters(tree: Any) -> list[Any]:
+        return [x.count for x in jax.tree.leaves(tree, is_leaf=is_counter) if is_counter(x)]
 
-    old_schedule, new_schedule = schedule_counts(state), schedule_counts(target)
+    clocks = counters(state)
 
     def replace(x: Any) -> Any:
         if isinstance(x, ScaleByAdamaxState):
             return converted
-        if isinstance(x, optax.ScaleByScheduleState) and len(old_schedule) == 1 == len(
-            new_schedule
-        ):
-            return optax.ScaleByScheduleState(
-                count=jnp.asarray(old_schedule[0].count).astype(x.count.dtype)
-            )
+        if is_counter(x):
+            # Whatever it holds (inject_hyperparams holds the optimizer's own state).
+            x = type(x)(*(jax.tree.map(replace, f, is_leaf=stop) for f in x))
+            if clocks:
+                x = x._replace(count=_step_count(clocks[0], "schedule count", x.count.dtype))
         return x
 
     def stop(x: Any) -> bool:
-        return isinstance(x, (ScaleByAdamaxState, optax.ScaleByScheduleState))
+        return isinstance(x, ScaleByAdamaxState) or is_counter(x)
 
     return jax.tree.map(replace, target, is_leaf=stop)
+
+
+def _step_count(count: Any, name: str, dtype: Any) -> jax.Array:
+    """A step count in `dtype`, saturating at the int32 maximum; concrete nonsense refused."""
+    top = int(np.iinfo(np.int32).max)
+    if not isinstance(count, jax.core.Tracer):
+        value = np.asarray(count).item()
+        if not (math.isfinite(value) and float(value) == int(value) and value >= 0):
+            raise ValueError(f"The state's {name} must be a whole number >= 0, got {value!r}.")
+        return jnp.asarray(min(int(value), top), dtype)
+    return jnp.clip(count, 0, top).astype(dtype)
 
 
 class _DecayedWeightsState(NamedTuple):
@@ -518,7 +581,7 @@ def _add_decayed_weights(weight_decay: Any, mask: Any) -> optax.GradientTransfor
         def leaf(u, p):
             if u is None:
                 return None
-            return u + jnp.asarray(weight_decay, u.dtype) * p.astype(u.dtype)
+            return u + jnp.asarray(weight_decay, u.dtype) * reshard_like(p, u).astype(u.dtype)
 
         return jax.tree.map(leaf, updates, params, is_leaf=_is_none), state
 
@@ -548,7 +611,7 @@ def _chain(
     the learning rate, so that bfloat16 or float16 parameters get one rounding
     of ``α (d + λθ)``, not one of ``d``, one of ``α`` and one of the product.
     """
-    _validation.check_learning_rate(learning_rate)
+    learning_rate = _validation.check_learning_rate(learning_rate)
     _validation.check_bool("compensated", compensated)
     parts = [
         _scale_by_adamax(
@@ -574,7 +637,9 @@ def _chain(
 
     def update_fn(updates, state, params=None, **extra_args):
         updates = jax.tree.map(_as_leaf, updates, is_leaf=_is_none)
-        like = updates if params is None else jax.tree.map(_as_leaf, params, is_leaf=_is_none)
+        if params is not None:
+            params = jax.tree.map(_as_leaf, params, is_leaf=_is_none)
+        like = updates if params is None else params
         new, state = inner.update(updates, state, params, **extra_args)
 
         def rounded(u, ref):
@@ -584,7 +649,12 @@ def _chain(
             if not jnp.issubdtype(dtype, jnp.inexact):
                 # Integer gradients without parameters: the update is float32.
                 dtype = jnp.dtype(u.dtype)
-            return u.astype(dtype)
+            if below_32_bits(dtype) and jnp.dtype(u.dtype) != dtype:
+                # A step past a 16-bit dtype's range (a β₂ below β₁ lets m/u grow
+                # without bound) is held at its largest finite value, not infinity.
+                big = jnp.asarray(jnp.finfo(dtype).max, u.dtype)
+                u = jnp.clip(u, -big, big)
+            return reshard_like(u.astype(dtype), ref)
 
         return jax.tree.map(rounded, new, like, is_leaf=_is_none), state
 
@@ -632,7 +702,7 @@ def adamax(
         learning_rate: α, a number or an ``optax`` schedule.
         b1: β₁, the decay of the first moment, in [0, 1).
         b2: β₂, the decay of the infinity norm, in [0, 1].
-        eps: ε, finite and >= 0.
+        eps: ε, >= 0 and finite in float32.
         eps_mode: "denominator", "inside_max" or "none", as above.
         complex_mode: "modulus" or "split", see :func:`scale_by_adamax`.
         mu_dtype: Storage dtype of the first moment; defaults to the parameter's.
@@ -708,8 +778,8 @@ def adamaxw(
         learning_rate: α, a number or an ``optax`` schedule.
         b1: β₁, in [0, 1).
         b2: β₂, in [0, 1].
-        eps: ε, finite and >= 0.
-        weight_decay: λ, finite.
+        eps: ε, >= 0 and finite in float32.
+        weight_decay: λ, finite in float32.
         mask: A pytree of booleans, or a callable returning one from the
             parameters, saying which leaves decay; as in
             ``optax.add_decayed_weights``.
@@ -739,7 +809,7 @@ def adamaxw(
         Loshchilov & Hutter, `Decoupled Weight Decay Regularization
         <https://arxiv.org/abs/1711.05101>`_, 2019.
     """
-    _validation.check_finite("weight_decay", weight_decay)
+    weight_decay = _validation.check_finite("weight_decay", weight_decay)
     return _chain(
         b1,
         b2,
@@ -788,7 +858,7 @@ def nadamax(
         learning_rate: α, a number or an ``optax`` schedule.
         b1: β₁, in [0, 1).
         b2: β₂, in [0, 1].
-        eps: ε, finite and >= 0.
+        eps: ε, >= 0 and finite in float32.
         eps_mode: "denominator", "inside_max" or "none".
         complex_mode: "modulus" or "split", see :func:`scale_by_adamax`.
         mu_dtype: Storage dtype of the first moment.
@@ -831,17 +901,46 @@ def nadamax(
     )
 
 
-def _as_tree(x: Any) -> Any:
-    """Lists and tuples of numbers become arrays, as NumPy would read them."""
+def _as_tree(name: str, x: Any) -> Any:
+    """`x` with arrays for leaves; integer leaves promoted to the default float dtype.
+
+    A list or tuple of numbers is one array, as NumPy reads it (a NamedTuple
+    stays a pytree node). Integer leaves become floating point as JAX promotes
+    an integer array with a Python float (float32, or float64 under
+    ``jax_enable_x64``), so that no result is ever truncated to an integer.
+    """
 
     def numeric(y: Any) -> bool:
         if isinstance(y, (list, tuple)) and not hasattr(y, "_fields"):
             return all(numeric(z) for z in y)
-        return isinstance(y, numbers.Number)
+        return isinstance(y, numbers.Number) and not isinstance(y, bool)
 
     if isinstance(x, (list, tuple)) and not hasattr(x, "_fields") and x and numeric(x):
-        return jnp.asarray(np.asarray(x, dtype=np.result_type(*np.ravel(x), np.float32)))
-    return jax.tree.map(jnp.asarray, x)
+        x = np.asarray(x, dtype=np.result_type(*np.ravel(x), np.float32))
+
+    def leaf(path: Any, y: Any) -> Any:
+        if y is None:
+            return None
+        dtype = None
+        if not isinstance(y, (bool, np.bool_, str, bytes)):
+            try:
+                y = jnp.asarray(y)
+                dtype = y.dtype
+            except TypeError:  # not an array JAX can hold
+                pass
+        if dtype is None or not (
+            jnp.issubdtype(dtype, jnp.inexact) or jnp.issubdtype(dtype, jnp.integer)
+        ):
+            raise TypeError(
+                f"`{name}`{jax.tree_util.keystr(path)} must hold real or complex numbers, "
+                f"got {y!r}."
+            )
+        if jnp.issubdtype(dtype, jnp.integer):
+            with jax.numpy_dtype_promotion("standard"):
+                y = y.astype(jnp.result_type(dtype, float))
+        return y
+
+    return jax.tree_util.tree_map_with_path(leaf, x, is_leaf=lambda y: y is None)
 
 
 def adamax_step(
@@ -869,21 +968,36 @@ def adamax_step(
     with ε placed by `eps_mode` as in :func:`adamax`. The same equations as the
     optax transformations, for code that keeps its own state.
 
+    Integer leaves of `param`, `grad`, `m` and `u` are promoted as JAX
+    promotes an integer array with a Python float (to float32, or float64
+    under ``jax_enable_x64``), so ``adamax_step(1, 0.1, 0, 0, 1)`` gives the
+    float32 0.998, never a truncated integer. Every other leaf keeps its dtype.
+
     Args:
         param: θ: a number, a (nested) list of numbers, an array or a pytree.
         grad: g, shaped like `param`.
         m: The first moment, shaped like `param`.
         u: The infinity norm, shaped like `param`.
-        t: The 1-based step number.
-        learning_rate: α.
+        t: The 1-based step number: an integer >= 1, of any integer type, or a
+            float with an integral value; past ``2**31 - 1`` it is read as
+            ``2**31 - 1``, where the step counter of the transformations
+            saturates. A traced `t` cannot be checked: where it is not an
+            integer >= 1 the returned parameter is NaN.
+        learning_rate: α, a real number finite in float32.
         b1: β₁, in [0, 1).
         b2: β₂, in [0, 1].
-        eps: ε, finite and >= 0.
+        eps: ε, >= 0 and finite in float32.
         eps_mode: "denominator", "inside_max" or "none".
 
     Returns:
         ``(param, m, u)`` after the step, as arrays in pytrees shaped like
         `param`.
+
+    Raises:
+        ValueError: If a concrete hyperparameter or `t` breaks the rules above
+            (naming it), or `grad`, `m` or `u` is not shaped like `param`.
+        TypeError: If a leaf of `param`, `grad`, `m` or `u` is boolean or not
+            a number (naming the argument and the key path).
 
     Examples:
         >>> from adamax_jax import adamax_step
@@ -891,18 +1005,24 @@ def adamax_step(
         >>> print(f"{param:.4f} {m:.4f} {u:.4f}")
         0.9980 0.0100 0.1000
     """
-    _check_hyperparameters(b1, b2, eps, eps_mode)
-    _validation.check_finite("learning_rate", learning_rate)
-    if isinstance(t, numbers.Integral) and t < 1:
-        raise ValueError(f"`t` is the 1-based step and must be >= 1, got {t!r}.")
-    param, grad, m, u = (_as_tree(x) for x in (param, grad, m, u))
+    b1, b2, eps = _check_hyperparameters(b1, b2, eps, eps_mode)
+    learning_rate = _validation.check_finite("learning_rate", learning_rate)
+    count, valid = _validation.check_step(t)
+    param, grad, m, u = (
+        _as_tree(name, x) for name, x in (("param", param), ("grad", grad), ("m", m), ("u", u))
+    )
     for name, tree in (("grad", grad), ("m", m), ("u", u)):
         _validation.check_same_structure(name, tree, "param", param)
-    # The step counter of the transformations saturates at the int32 maximum;
-    # so does `t`, where 1 - β₁^t is 1 in any float dtype already.
-    if isinstance(t, numbers.Integral):
-        t = min(t, int(np.iinfo(np.int32).max))
-    count = jnp.asarray(t, jnp.int32)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(u)[0]:
+        if _codecs.codec_for(leaf.dtype, "nu") is not None:
+            # The transformations store such a ν scaled (an EncodedMoment); a plain
+            # one rounds 0.999 u back to u at every step and never decays.
+            raise TypeError(
+                f"`u`{jax.tree_util.keystr(path)} is {leaf.dtype}: a plain 16-bit u never "
+                "decays (β₂ u rounds back to u). Keep `u` in float32 or wider, or use "
+                "`scale_by_adamax(nu_dtype=...)`, which stores it scaled."
+            )
+    count = jnp.asarray(count, jnp.int32)
     guard = _guard_zero_denominator(eps, eps_mode)
 
     def leaf(p, g, m_, u_):
@@ -912,6 +1032,9 @@ def adamax_step(
             g, m_, u_, count, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode, guard_zero=guard
         )
         lr = jnp.asarray(learning_rate, jnp.finfo(direction.dtype).dtype).astype(direction.dtype)
-        return (p.astype(direction.dtype) - lr * direction).astype(p.dtype), m_new, u_new
+        new = p.astype(direction.dtype) - lr * direction
+        if valid is not None:
+            new = jnp.where(valid, new, jnp.full_like(new, jnp.nan))
+        return new.astype(p.dtype), m_new, u_new
 
     return map_unzip(leaf, 3, param, grad, m, u)

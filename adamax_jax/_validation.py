@@ -1,13 +1,19 @@
-"""Checks of hyperparameters and pytrees, with errors that name what is wrong.
+"""Checks of hyperparameters, dtypes and pytrees, with errors that name what is wrong.
 
-Only concrete values are checked: Python numbers and NumPy scalars or arrays.
-JAX arrays pass through untouched, so traced values (as under ``jax.jit`` or
-``optax.inject_hyperparams``) keep working and no check waits on a device.
+A concrete hyperparameter of any form (a Python number, another ``numbers``
+type such as ``Fraction`` or ``Decimal``, a NumPy scalar or array, a list or
+tuple, a concrete JAX array) is read as one Python number and range-checked
+when the optimizer is built, so that a bad value fails there and never later.
+A traced value (under ``jax.jit``, ``jax.vmap`` or ``optax.inject_hyperparams``)
+has no value yet: its shape and dtype are checked, and it passes as a 0-d
+array. The rules are listed in ``docs/input_rules.md``.
 """
 
+import decimal
+import fractions
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -16,33 +22,96 @@ import numpy as np
 
 from adamax_jax._tree import is_leaf
 
+INT32_MAX = int(np.iinfo(np.int32).max)
 
-def _check_number(name: str, value: Any) -> None:
-    """Raises ValueError for a value that can never be a real hyperparameter."""
-    is_bool = isinstance(value, (bool, np.bool_))
-    not_real = isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real)
-    if is_bool or not_real or value is None or isinstance(value, (str, bytes)):
-        raise ValueError(f"`{name}` must be a real number, got {value!r}.")
-    dtype = getattr(value, "dtype", None)
-    if dtype is not None and not (
+# The storage dtypes of the moments. Complex ones only for complex parameters
+# (see `check_storage_dtype`); 8-bit ones (block-wise) are checked by
+# `check_moment_dtype` and `check_eight_bit`.
+STORAGE_DTYPES: tuple[jnp.dtype, ...] = tuple(
+    jnp.dtype(d)
+    for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64, jnp.complex64, jnp.complex128)
+)
+
+
+def is_traced(value: Any) -> bool:
+    """Whether `value` is a JAX tracer: a value known only when the program runs."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def _not_real(name: str, value: Any) -> ValueError:
+    return ValueError(f"`{name}` must be a real number, got {value!r}.")
+
+
+def _check_kind(name: str, value: Any, dtype: Any, shape: tuple[int, ...]) -> None:
+    """Refuses non-real dtypes and more (or fewer) than one element."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bool_ or not (
         jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
     ):
-        raise ValueError(f"`{name}` must be a real number, got {value!r}.")
+        raise _not_real(name, value)
+    if math.prod(shape) != 1:
+        raise ValueError(
+            f"`{name}` must be a scalar (one element), got {value!r} of shape {tuple(shape)}."
+        )
 
 
-def _concrete_values(value: Any) -> list[float]:
-    """The values of a Python number or NumPy value; nothing for anything else."""
-    if isinstance(value, numbers.Real):
-        return [float(value)]
-    if isinstance(value, (np.ndarray, np.generic)):
-        return [float(x) for x in np.ravel(value)]
-    return []
+def _scalar(name: str, value: Any) -> Any:
+    """One real number from `value`: a Python or ``numbers`` scalar, or a traced 0-d array.
+
+    Containers and arrays of one element (any number of dimensions) give that
+    element, as PyTorch reads a one-element tensor; other sizes are refused.
+    """
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        raise _not_real(name, value)
+    if is_traced(value):
+        _check_kind(name, value, value.dtype, value.shape)
+        return jnp.reshape(value, ())
+    if isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, np.generic):
+        return value
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as e:  # ragged lists, objects NumPy cannot read
+        raise _not_real(name, value) from e
+    _check_kind(name, value, array.dtype, array.shape)
+    element = array.reshape(())
+    if jnp.issubdtype(array.dtype, jnp.integer):
+        return int(element)
+    return float(element.astype(np.float64))
 
 
-def _check_values(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
-    _check_number(name, value)
-    if not all(ok(x) for x in _concrete_values(value)):
-        raise ValueError(f"`{name}` must be {requirement}, got {value!r}.")
+def _as_float(value: Any) -> float:
+    """The nearest float64; ±inf where the value is beyond the float64 range.
+
+    A value that has none (a signaling NaN ``Decimal``) reads as NaN, which no
+    range admits, so that the error names the argument.
+    """
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+    except (ValueError, ArithmeticError):
+        return math.nan
+
+
+def _finite_in_float32(x: float) -> bool:
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(np.float32(x)))
+
+
+def _read_as(value: Any, x: Any) -> str:
+    """For an error message: what `value` was read as, where that is not its repr."""
+    return "" if repr(x) == repr(value) else f" (read as {x!r})"
+
+
+def _checked(name: str, value: Any, ok: Any, requirement: str) -> Any:
+    """`value` read as a Python float and checked by `ok`; a traced value as it is."""
+    x = _scalar(name, value)
+    if is_traced(x):
+        return x
+    f = _as_float(x)
+    if not ok(f):
+        raise ValueError(f"`{name}` must be {requirement}, got {value!r}{_read_as(value, f)}.")
+    return f
 
 
 def check_interval(
@@ -52,33 +121,143 @@ def check_interval(
     high: float,
     *,
     high_open: bool = False,
-) -> None:
-    """Raises ValueError if a concrete `value` is outside [low, high] or [low, high)."""
+) -> Any:
+    """A hyperparameter in [low, high] (or [low, high)), read as a Python float.
+
+    Args:
+        name: The argument's name, for the error message.
+        value: A concrete real scalar of any form, or a traced one.
+        low: The smallest value allowed.
+        high: The largest value allowed, or the bound it must stay below.
+        high_open: Whether `high` itself is refused.
+
+    Returns:
+        The value as a Python float, or a traced value as a 0-d array. One
+        exception, for the open bound: a concrete float32 JAX array equal to
+        `high` (as ``optax.inject_hyperparams`` makes of β₁ = 1 - 1e-8) is
+        returned as a 0-d array, to be read as the nearest float32 below it,
+        as it is when traced.
+
+    Raises:
+        ValueError: If `value` is not one real number, or is outside the
+            interval (for a NumPy or narrower-than-float32 value that rounded
+            to the open bound, the message says how to keep it below).
+    """
 
     def inside(x: float) -> bool:
         return low <= x < high if high_open else low <= x <= high
 
     bracket = ")" if high_open else "]"
-    _check_values(name, value, inside, f"in [{low:g}, {high:g}{bracket}")
+    dtype = getattr(value, "dtype", None)
+    narrow = (
+        high_open
+        and dtype is not None
+        and jnp.issubdtype(dtype, jnp.floating)
+        and jnp.finfo(dtype).bits < 64
+        and not is_traced(value)
+        and _scalar(name, value) == high
+    )
+    if narrow and isinstance(value, jax.Array) and jnp.dtype(dtype) == jnp.float32:
+        # `optax.inject_hyperparams` hands over float32 arrays, in which
+        # β₁ = 1 - 1e-8 is 1. Such an array is read as the nearest float32
+        # below 1 (see `b1_terms`), concrete as when traced under jit.
+        return jnp.reshape(value, ())
+    try:
+        return _checked(name, value, inside, f"in [{low:g}, {high:g}{bracket}")
+    except ValueError as e:
+        if not narrow:
+            raise
+        raise ValueError(
+            f"{e.args[0]} A value this close to {high:g} is {high:g} in {jnp.dtype(dtype)}: "
+            "give it as a Python float or a float64 value (with "
+            "`optax.inject_hyperparams(..., hyperparam_dtype=jnp.float64)` under "
+            "`jax_enable_x64`)."
+        ) from None
 
 
-def check_nonnegative_finite(name: str, value: Any) -> None:
-    """Raises ValueError if a concrete `value` is negative or not finite."""
-    _check_values(name, value, lambda x: math.isfinite(x) and x >= 0, "finite and >= 0")
+def check_nonnegative_finite(name: str, value: Any) -> Any:
+    """A hyperparameter >= 0 and finite in float32 (ε), read as a Python float.
+
+    Float32 is the narrowest dtype the arithmetic runs in, so a value that is
+    infinite there (1e39) is refused even though Python holds it.
+
+    Raises:
+        ValueError: If `value` is not one real number, is negative, or is not
+            finite in float32.
+    """
+    return _checked(
+        name,
+        value,
+        lambda x: x >= 0 and _finite_in_float32(x),
+        "finite in float32 (the dtype it is applied in) and >= 0",
+    )
 
 
-def check_finite(name: str, value: Any) -> None:
-    """Raises ValueError if a concrete `value` is not finite."""
-    _check_values(name, value, math.isfinite, "finite")
+def check_finite(name: str, value: Any) -> Any:
+    """A hyperparameter finite in float32, read as a Python float.
+
+    Raises:
+        ValueError: If `value` is not one real number, or is not finite in float32.
+    """
+    return _checked(
+        name, value, _finite_in_float32, "finite in float32 (the dtype it is applied in)"
+    )
 
 
-def check_learning_rate(value: Any) -> None:
-    """A learning rate is a finite number, an array or a schedule (a callable)."""
-    if callable(value):
-        return
+def check_learning_rate(value: Any) -> Any:
+    """A learning rate: a schedule (a callable, passed on) or a number finite in float32.
+
+    Raises:
+        ValueError: If `value` is neither a callable nor one real number finite
+            in float32.
+    """
+    if callable(value) and not is_traced(value):
+        return value
     if value is None:
         raise ValueError("`learning_rate` must be a number or a schedule, got None.")
-    check_finite("learning_rate", value)
+    return check_finite("learning_rate", value)
+
+
+def check_step(value: Any) -> tuple[Any, Any]:
+    """The 1-based step `t` of ``adamax_step``: an integer >= 1, saturated at the int32 maximum.
+
+    Integral floats (``3.0``) and other exact forms (``Fraction(3)``,
+    ``Decimal(3)``, one-element arrays) are read as that integer; a step past
+    the int32 maximum is read as that maximum, as the step counter of the
+    transformations saturates. A traced `t` cannot be refused: it is clipped
+    to the int32 range before the cast (so that an int64 `t` cannot wrap),
+    and a flag says whether it is an integer >= 1.
+
+    Returns:
+        ``(count, valid)``: a Python int in [1, 2**31 - 1] and None, or for a
+        traced `t` an int32 0-d array and a boolean 0-d array.
+
+    Raises:
+        ValueError: If a concrete `t` is not one real number, not an integer,
+            or < 1.
+    """
+    x = _scalar("t", value)
+    if is_traced(x):
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            info = jnp.iinfo(x.dtype)
+            low, high = max(int(info.min), -INT32_MAX - 1), min(int(info.max), INT32_MAX)
+            return jnp.clip(x, low, high).astype(jnp.int32), x >= 1
+        # A float beyond the int32 range has no defined cast: select the ends.
+        high, low = x >= INT32_MAX, x < -INT32_MAX - 1
+        inside = jnp.where(high | low, jnp.zeros_like(x), x).astype(jnp.int32)
+        count = jnp.where(high, INT32_MAX, jnp.where(low, -INT32_MAX - 1, inside))
+        valid = (x >= 1) & (x == jnp.floor(x)) & jnp.isfinite(x)
+        return count.astype(jnp.int32), valid
+    try:
+        exact = fractions.Fraction(x)
+    except (ValueError, OverflowError):  # nan, inf
+        exact = None
+    if exact is None or exact.denominator != 1 or exact < 1:
+        raise ValueError(
+            f"`t` is the 1-based step and must be an integer >= 1, got {value!r}"
+            f"{_read_as(value, x)}."
+        )
+    return min(int(exact), INT32_MAX), None
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -95,28 +274,95 @@ def check_bool(name: str, value: Any) -> None:
 
 
 def check_dtype(name: str, value: Any) -> None:
-    """Raises ValueError unless `value` is None or a floating or complex dtype."""
+    """A storage dtype: None (the parameter's own) or one of `STORAGE_DTYPES`.
+
+    Raises:
+        ValueError: For an 8-bit float (8-bit state is not supported yet), and
+            for any other dtype that is not float16, bfloat16, float32,
+            float64, complex64 or complex128.
+    """
     if value is None:
         return
     try:
         dtype = jnp.dtype(value)
     except TypeError as e:
         raise ValueError(f"`{name}` must be a floating dtype or None, got {value!r}.") from e
-    if not jnp.issubdtype(dtype, jnp.inexact):
-        raise ValueError(f"`{name}` must be a floating dtype or None, got {value!r}.")
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
+        raise ValueError(
+            f"`{name}` got {value!r} ({dtype}): 8-bit state is not supported yet; use "
+            "bfloat16 or float16 for a smaller state."
+        )
+    if dtype not in STORAGE_DTYPES:
+        accepted = ", ".join(str(d) for d in STORAGE_DTYPES)
+        raise ValueError(f"`{name}` must be None or one of {accepted}; got {value!r}.")
 
 
-def check_storage_dtype(name: str, value: Any) -> None:
-    """Raises ValueError unless `value` is None, a floating or complex dtype, int8 or uint8.
+def check_storage_dtype(name: str, dtype: Any, param_dtype: Any, path: str) -> None:
+    """Refuses a complex storage dtype for a real parameter.
 
-    The storage dtypes of the moments: int8 and uint8 are 8-bit block-wise storage.
+    A complex moment of a real parameter takes twice the memory, and every
+    update would discard its imaginary part (JAX warns that this cast will
+    become an error).
+
+    Args:
+        name: The argument that chose the dtype (``mu_dtype``, ``nu_dtype``).
+        dtype: That storage dtype, or None for the parameter's own.
+        param_dtype: The parameter's dtype.
+        path: The parameter's key path, for the message.
+
+    Raises:
+        ValueError: If `dtype` is complex and `param_dtype` is not.
+    """
+    if dtype is None or not jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
+        return
+    if not jnp.issubdtype(jnp.dtype(param_dtype), jnp.complexfloating):
+        raise ValueError(
+            f"`{name}` is {jnp.dtype(dtype)}, a complex dtype, but the parameter "
+            f"{path or '<root>'} is {jnp.dtype(param_dtype)}: a real parameter takes a real "
+            "storage dtype (float16, bfloat16, float32 or float64)."
+        )
+
+
+def check_storage_dtypes(params: Any, **dtypes: Any) -> None:
+    """:func:`check_storage_dtype` for every leaf of `params` and every named dtype.
+
+    Raises:
+        ValueError: Naming the argument and the first parameter's key path
+            where a complex storage dtype meets a real parameter.
+    """
+    for path, leaf in _paths(params).items():
+        if leaf is not None:
+            for name, dtype in dtypes.items():
+                if dtype is None and _dtype(leaf) not in STORAGE_DTYPES:
+                    # The moments would default to the parameter's own dtype.
+                    raise ValueError(
+                        f"`params`{path} is {_dtype(leaf)}, which a moment cannot be stored "
+                        f"in; pass `{name}` (one of "
+                        + ", ".join(str(d) for d in STORAGE_DTYPES)
+                        + ")."
+                    )
+                check_storage_dtype(name, dtype, _dtype(leaf), path)
+
+
+def check_moment_dtype(name: str, value: Any) -> None:
+    """A moment's storage dtype: one of :func:`check_dtype`'s, or an 8-bit block-wise one.
+
+    Raises:
+        ValueError: For a one-byte dtype other than int8, uint8, float8_e4m3fn
+            and float8_e5m2, and as :func:`check_dtype` for the others.
     """
     if value is not None:
         try:
-            if jnp.dtype(value) in _EIGHT_BIT_INTEGERS:
-                return
+            dtype = jnp.dtype(value)
         except TypeError:
-            pass
+            dtype = None
+        if dtype is not None and dtype in _EIGHT_BIT:
+            return
+        if dtype is not None and dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"`{name}` is {dtype}; 8-bit storage is jnp.int8, jnp.uint8 (ν only), "
+                "jnp.float8_e4m3fn or jnp.float8_e5m2."
+            )
     check_dtype(name, value)
 
 
@@ -196,6 +442,9 @@ def _dtype(leaf: Any) -> jnp.dtype:
     # Arrays, tracers and jax.ShapeDtypeStruct carry a dtype; reading it
     # copies nothing, where jnp.asarray would copy a NumPy leaf to the device.
     dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        # PRNG keys and other extended dtypes are no NumPy dtypes: keep them as they are.
+        return dtype
     return jnp.dtype(dtype) if dtype is not None else jnp.result_type(leaf)
 
 
@@ -209,7 +458,7 @@ def check_trainable(params: Any) -> None:
     if bad:
         raise TypeError(
             "AdaMax updates floating-point parameters only; these leaves are "
-            f"integer or boolean: {', '.join(bad)}. Leave non-trainable leaves "
+            f"not floating point: {', '.join(bad)}. Leave non-trainable leaves "
             "out with `optax.masked`, or zero their updates with "
             "`optax.set_to_zero` in an `optax.multi_transform`."
         )

@@ -150,9 +150,9 @@ class Progress:
 
     def __init__(self, stream: Any = None) -> None:
         """Writes to `stream` (default: ``sys.stderr``)."""
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = time.perf_counter()
+        self.stream: Any = sys.stderr if stream is None else stream
+        self.tty: bool = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start: float = time.perf_counter()
 
     def line(self, text: str) -> None:
         """Prints one line, prefixed with the seconds since the start."""
@@ -236,7 +236,7 @@ def _compile(
     of tracing, lowering and compilation. The run with the median total is
     reported, with all totals.
     """
-    runs = []
+    runs, compiled = [], None
     for _ in range(repeats):
         start = time.perf_counter()
         lowered = jax.jit(make_fn(), donate_argnums=donate).lower(*args)
@@ -244,6 +244,8 @@ def _compile(
         compiled = lowered.compile()
         done = time.perf_counter()
         runs.append((done - start, lowered_at - start, done - lowered_at))
+    if compiled is None:
+        raise ValueError(f"`repeats` must be >= 1, got {repeats}.")
     total, lower, xla = sorted(runs)[(repeats - 1) // 2]
     info = {
         "compile_s": total,
@@ -572,8 +574,15 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _row(tree: dict[str, Any], name: str) -> dict[str, Any] | None:
+def _optional_row(tree: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((r for r in tree["results"] if r["optimizer"] == name), None)
+
+
+def _row(tree: dict[str, Any], name: str) -> dict[str, Any]:
+    row = _optional_row(tree, name)
+    if row is None:
+        raise KeyError(f"no {name!r} row for the tree {tree['key']!r}")
+    return row
 
 
 def targets(trees: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -593,7 +602,7 @@ def targets(trees: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     leaf = by_key.get("one-leaf")
     if leaf is not None:
         ours = _row(leaf, OURS)
-        torch_row = _row(leaf, TORCH_FOREACH)
+        torch_row = _optional_row(leaf, TORCH_FOREACH)
         speed = None if torch_row is None else torch_row["median_s"] / ours["median_s"]
         check(f"one-leaf: speed of {OURS} / {TORCH_FOREACH}", speed, ">=", 2.0)
         check(f"one-leaf: time of {OURS} / floor", ours["x_floor"], "<=", 1.3)
@@ -651,7 +660,7 @@ def summary(report: dict[str, Any]) -> list[str]:
     ]
     for tree in report["trees"]:
         ours, optax_row = _row(tree, OURS), _row(tree, OPTAX)
-        torch_row = _row(tree, TORCH_FOREACH)
+        torch_row = _optional_row(tree, TORCH_FOREACH)
         vs_torch = None if torch_row is None else torch_row["median_s"] / ours["median_s"]
         lines.append(
             f"| {tree['key']} | {tree['n_params']:,} | {tree['n_leaves']} "

@@ -77,7 +77,7 @@ def _ablation(
 
     def update_fn(updates, state, params=None):
         del params
-        count = optax.safe_increment(state.count)
+        count = jnp.asarray(optax.safe_increment(state.count))
         # Handing the leaf float32 state makes its own stores exact, so that
         # the roundings below are the only ones.
         nu = state.nu
@@ -98,7 +98,7 @@ def _ablation(
         return direction.astype(updates.dtype), new_state
 
     return optax.chain(
-        optax.GradientTransformation(init_fn, update_fn),
+        optax.GradientTransformation(init_fn, update_fn),  # pyright: ignore[reportArgumentType]
         optax.scale_by_learning_rate(LEARNING_RATE),
     )
 
@@ -256,7 +256,7 @@ def run(
     return params.astype(jnp.float32), _infinity_norm(state), state
 
 
-def relative_error(x: jax.Array, reference: jax.Array) -> np.ndarray:
+def relative_error(x: jax.typing.ArrayLike, reference: jax.typing.ArrayLike) -> np.ndarray:
     """Per-entry ``|x − reference| / |reference|``, in float64."""
     x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
     return np.abs(x - reference) / np.abs(reference)
@@ -268,7 +268,7 @@ def measure(
     steps: int = STEPS,
     size: int = SIZE,
     seed: int = 0,
-    cache: dict | None = None,
+    cache: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Bytes of state per parameter and drift against the float32 run for `config`.
 
@@ -324,7 +324,7 @@ def table(rows: list[tuple[str, dict[str, dict[str, Any]]]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Prints the report."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--seed", type=int, default=0)

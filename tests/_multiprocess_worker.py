@@ -77,13 +77,35 @@ def train_single():
     return {k: np.asarray(v) for k, v in params.items()}
 
 
+# The JAX releases whose private CPU-client factory `_loopback_gloo` patches, as
+# pyproject.toml's `test` extra pins them.
+PATCHED_JAX = ">=0.10.2,<0.11"
+
+
 def _loopback_gloo():
-    # Gloo binds to the address the host name resolves to unless told
-    # otherwise; keep every connection on the loopback interface. There is no
-    # public option for this, hence the private module.
+    """Keeps every gloo connection on the loopback interface.
+
+    Gloo binds to the address the host name resolves to unless told otherwise, and
+    JAX has no public option for the address: this patches the factory that
+    ``jax._src.xla_bridge`` calls, a private module. It is known to work with the
+    JAX releases PATCHED_JAX, which pyproject.toml's `test` extra pins; on any other
+    release this fails at once, naming that range, rather than hanging on a socket.
+    """
+    import inspect
+
+    import jax
     from jax._src import xla_bridge
 
-    make = xla_bridge._jax.make_gloo_tcp_collectives
+    make = getattr(getattr(xla_bridge, "_jax", None), "make_gloo_tcp_collectives", None)
+    try:
+        takes_hostname = make is not None and "hostname" in inspect.signature(make).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: trust the docstring
+        takes_hostname = make is not None and "hostname" in (make.__doc__ or "")
+    if not takes_hostname:
+        sys.exit(
+            f"jax {jax.__version__}: jax._src.xla_bridge._jax.make_gloo_tcp_collectives(hostname=) "
+            f"is gone; this test runs on jax{PATCHED_JAX} (pyproject.toml, `test` extra)."
+        )
 
     def loopback(distributed_client, hostname=None, interface=None):
         del hostname, interface

@@ -59,6 +59,9 @@ ZERO1_LAYOUTS = {
         ("data", "model"),
         {
             "w": ((8, 16), P(None, "model")),
+            # The dimension not split yet is the smaller one: it takes "data" all the same.
+            "n": ((2, 64), P(None, "model")),
+            "m": ((64, 2), P("model", None)),
             "b": ((16,), P("model")),
             "c": ((3,), P()),
             "s": ((), P()),
@@ -112,6 +115,7 @@ FOLLOW_CASES = [(mode, name) for mode in MODES for name in optimizers()]
 ZERO1_CASES = [
     ("auto", "1d", "adamax"),
     ("auto", "1d", "adamax-bf16-state"),
+    ("auto", "2d", "adamax"),
     ("auto", "2d", "adamax-compensated-bf16"),
     ("explicit", "1d", "adamax"),
     ("explicit", "2d", "adamax-compensated-bf16"),

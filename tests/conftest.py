@@ -1,10 +1,23 @@
-"""Makes JAX strict, so that silent dtype or rank promotions fail loudly."""
+"""Makes JAX strict, so that silent dtype or rank promotions fail loudly.
 
+Also: hypothesis keeps no example database (nothing is written into the
+repository), and under ``CI=true`` a run with any skipped test fails.
+"""
+
+import os
+
+import hypothesis
 import jax
 import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# No `.hypothesis/` directory in the checkout: the examples that matter are pinned
+# in the tests (`derandomize`, `@example`), and a database would make a run depend
+# on what earlier runs found.
+hypothesis.settings.register_profile("adamax_jax", database=None)
+hypothesis.settings.load_profile("adamax_jax")
 
 
 @pytest.fixture
@@ -12,3 +25,34 @@ def standard_promotion():
     """For code under test that is not ours (optax, keras) and promotes implicitly."""
     with jax.numpy_dtype_promotion("standard"):
         yield
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under ``CI=true``, a skipped test fails the run.
+
+    CI installs every test dependency (``pip install -e ".[test]"`` and torch), so
+    a skip there means a check did not run that should have: a missing package, a
+    backend that was not the expected one. Locally a skip is only reported
+    (``-ra`` lists each with its reason).
+    """
+    if not _ci() or exitstatus != pytest.ExitCode.OK:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Says why a CI run with skips failed, after the summary of the skips."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if _ci() and skipped:
+        terminalreporter.write_line(
+            f"CI=true: {len(skipped)} test(s) skipped; every check must run in CI, so the "
+            "run fails.",
+            red=True,
+        )

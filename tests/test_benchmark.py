@@ -1,3 +1,4 @@
+import io
 import json
 import math
 import os
@@ -7,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from adamax_jax import benchmark
+from tests.reference import adamax_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 TREES = ["one-leaf", "many-leaves", "transformer", "small-tree"]
@@ -30,6 +34,16 @@ def _torch_installed():
     except ImportError:
         return False
     return True
+
+
+def _require_torch_rows(report):
+    """Skips, visibly, where the run could not have PyTorch rows."""
+    if report["machine"]["backend"] != "cpu":
+        pytest.skip(
+            f"the PyTorch rows run on the CPU; the backend is {report['machine']['backend']}"
+        )
+    if not _torch_installed():
+        pytest.skip("torch is not installed: the PyTorch rows are not checked")
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +95,10 @@ def test_json_describes_the_trees(quick):
 
 def test_every_optimizer_is_timed(quick):
     _, _, report = quick
-    torch_runs = report["machine"]["backend"] == "cpu" and _torch_installed()
-    expected = JAX_ROWS + (TORCH_ROWS if torch_runs else [])
-    if not torch_runs:
-        assert any("PyTorch rows skipped" in n for n in report["notes"])
     assert report["steps"] >= 10
     for tree in report["trees"]:
         rows = _rows(tree)
-        assert list(rows) == expected
+        assert list(rows)[: len(JAX_ROWS)] == JAX_ROWS
         floor = rows[benchmark.FLOOR]["median_s"]
         optax_s = rows[benchmark.OPTAX]["median_s"]
         for r in rows.values():
@@ -97,6 +107,14 @@ def test_every_optimizer_is_timed(quick):
             assert math.isclose(r["x_floor"], r["median_s"] / floor)
             assert math.isclose(r["speedup_vs_optax"], optax_s / r["median_s"])
             assert math.isclose(r["gb_per_s"], r["bytes_per_step"] / r["median_s"] / 1e9)
+
+
+def test_the_pytorch_rows_are_timed_where_torch_runs(quick):
+    _, _, report = quick
+    _require_torch_rows(report)
+    assert not any("PyTorch rows skipped" in n for n in report["notes"])
+    for tree in report["trees"]:
+        assert list(_rows(tree)) == JAX_ROWS + TORCH_ROWS
 
 
 def test_bytes_moved_are_the_seven_streams(quick):
@@ -138,16 +156,116 @@ def test_state_bytes_per_parameter(quick):
                 assert 8 * n < rows[name]["state_bytes"] <= 8 * n + 8 * tree["n_leaves"]
 
 
-def test_all_rows_compute_the_same_numbers(quick):
+def test_rows_report_their_distance_from_optax(quick):
     _, _, report = quick
     for tree in report["trees"]:
         rows = _rows(tree)
-        assert rows[benchmark.OPTAX]["max_abs_diff_vs_optax"] == 0.0
         assert rows[benchmark.FLOOR]["max_abs_diff_vs_optax"] is None
         for name in [benchmark.OURS, *TORCH_ROWS]:
             if name in rows:
                 # After a dozen steps of 2e-3 each: float32 rounding only.
                 assert rows[name]["max_abs_diff_vs_optax"] <= 1e-6, (tree["key"], name)
+        # bfloat16 moments move each step of 2e-3 by their rounding: m by up to a unit in
+        # its last place (2**-7 relative at worst, the one-ulp store), u by half of one.
+        bound = (report["steps"] + report["warmup"]) * 2e-3 * (2.0**-7 + 2.0**-8)
+        assert 0 < rows[benchmark.OURS_BF16]["max_abs_diff_vs_optax"] <= bound
+
+
+def _adamax_float64(params, grad, steps):
+    """The float64 reference of tests/reference.py, ε inside the max as every row has it."""
+    grads = np.broadcast_to(np.asarray(grad, np.float64), (steps, *np.shape(grad)))
+    history = adamax_numpy(
+        np.asarray(params, np.float64),
+        grads,
+        lr=benchmark.LEARNING_RATE,
+        b1=benchmark.B1,
+        b2=benchmark.B2,
+        eps=benchmark.EPS,
+        eps_mode="inside_max",
+    )
+    return history[-1][0]
+
+
+@pytest.fixture(scope="module")
+def final_params():
+    """A small tree through `run_tree`, keeping every row's runner to read its parameters."""
+    spec = benchmark.TreeSpec("tiny", "tiny", (("a", (64, 3)), ("b", (5,)), ("c", ())))
+    runners = []
+
+    def keep(make):
+        def wrapped(*args, **kwargs):
+            runner = make(*args, **kwargs)
+            runners.append(runner)
+            return runner
+
+        return wrapped
+
+    steps, warmup = 3, 2
+    with pytest.MonkeyPatch.context() as mp, jax.numpy_dtype_promotion("standard"):
+        for name in ("floor_runner", "optax_runner", "torch_runner"):
+            mp.setattr(benchmark, name, keep(getattr(benchmark, name)))
+        tree = benchmark.run_tree(
+            spec,
+            steps=steps,
+            warmup=warmup,
+            compile_repeats=1,
+            with_torch=benchmark.torch_skip_reason() is None,
+            threads=1,
+            progress=benchmark.Progress(io.StringIO()),
+            label="tiny",
+        )
+    params, grads = benchmark.tree_data(spec)
+    finals = {r.name: dict(zip(params, r.params(), strict=True)) for r in runners}
+    return tree, params, grads, finals, steps + warmup
+
+
+@pytest.mark.parametrize(
+    "name, rtol",
+    [
+        (benchmark.OURS, 1e-5),
+        (benchmark.OPTAX, 1e-5),
+        # bfloat16 moments: each step off by up to a unit in the last place of m (2**-7
+        # relative at worst) and half of one of u.
+        (benchmark.OURS_BF16, 2.0**-7 + 2.0**-8),
+        (benchmark.TORCH_FOREACH, 1e-5),
+        (benchmark.TORCH_LOOP, 1e-5),
+    ],
+)
+def test_each_row_lands_on_the_float64_reference(final_params, name, rtol):
+    tree, params, grads, finals, steps = final_params
+    if name in TORCH_ROWS and name not in finals:
+        _require_torch_rows({"machine": {"backend": jax.default_backend()}})
+    assert [r["optimizer"] for r in tree["results"]] == list(finals)
+    for key, p0 in params.items():
+        want = _adamax_float64(p0, grads[key], steps)
+        moved = np.abs(want - p0)
+        # The displacement, not the parameter, is what a row computes: compare that.
+        np.testing.assert_allclose(
+            finals[name][key] - p0, want - p0, rtol=rtol, atol=1e-7, err_msg=f"{name}, {key}"
+        )
+        # A constant gradient: every step is lr · |g| / (|g| + ε), just under lr.
+        assert np.all(moved <= steps * benchmark.LEARNING_RATE * (1 + 1e-12))
+        assert np.median(moved) > 0.99 * steps * benchmark.LEARNING_RATE
+
+
+def test_the_floor_row_is_its_documented_kernel(final_params):
+    # θ - lr · g per step: its memory traffic is AdaMax's, its arithmetic is not.
+    _, params, grads, finals, steps = final_params
+    for key, p0 in params.items():
+        want = np.asarray(p0, np.float64) - steps * benchmark.LEARNING_RATE * grads[key]
+        np.testing.assert_allclose(finals[benchmark.FLOOR][key], want, rtol=1e-6, err_msg=key)
+
+
+def test_reported_distances_are_those_of_the_final_parameters(final_params):
+    tree, _, _, finals, _ = final_params
+    for row in tree["results"]:
+        if row["optimizer"] == benchmark.FLOOR:
+            continue
+        diff = max(
+            float(np.max(np.abs(finals[row["optimizer"]][k] - finals[benchmark.OPTAX][k])))
+            for k in finals[benchmark.OPTAX]
+        )
+        assert row["max_abs_diff_vs_optax"] == diff, row["optimizer"]
 
 
 def test_compile_time_and_memory_of_the_jax_rows(quick):

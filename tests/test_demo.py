@@ -114,11 +114,27 @@ def test_quadratic_grad_is_the_gradient(point):
 
 
 def test_minima_are_minima():
-    x = p.CUBIC_MINIMUM
-    assert abs(1 - 3 * x**2) < 1e-15 and -6 * x > 0
-    assert p.quadratic_grad(jnp.asarray(p.QUADRATIC_MINIMUM, jnp.float32)).tolist() == [0.0, 0.0]
-    # Positive definite Hessian [[4, 2], [2, 4]].
-    assert np.all(np.linalg.eigvalsh(np.array([[4.0, 2.0], [2.0, 4.0]])) > 0)
+    # Derivatives of the package's own functions, by autodiff in float64: the gradient
+    # vanishes at the stated minimum and the curvature there is positive.
+    with jax.enable_x64(True):
+        x = jnp.float64(p.CUBIC_MINIMUM)
+        assert abs(float(jax.grad(p.cubic)(x))) < 1e-15
+        assert float(jax.grad(jax.grad(p.cubic))(x)) > 0
+        xy = jnp.asarray(p.QUADRATIC_MINIMUM, jnp.float64)
+        np.testing.assert_array_equal(np.asarray(jax.grad(p.quadratic)(xy)), [0.0, 0.0])
+        hessian = np.asarray(jax.hessian(p.quadratic)(xy))
+    assert np.all(np.linalg.eigvalsh(hessian) > 0), hessian
+    # The written-out gradients the demo steps with are those of the functions.
+    with jax.enable_x64(True):
+        for x in (-1.3, -0.2, 0.7):
+            assert float(p.cubic_grad(jnp.float64(x))) == pytest.approx(
+                float(jax.grad(p.cubic)(jnp.float64(x))), rel=1e-14
+            )
+        for point in ((1.0, 0.0), (-2.0, 3.5)):
+            point = jnp.asarray(point, jnp.float64)
+            np.testing.assert_allclose(
+                p.quadratic_grad(point), jax.grad(p.quadratic)(point), rtol=1e-14
+            )
 
 
 @pytest.mark.parametrize("problem", list(PROBLEMS))

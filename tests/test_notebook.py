@@ -44,12 +44,15 @@ def executed(tmp_path_factory):
     shutil.copy(NOTEBOOK, copy)
     nb = nbformat.read(copy, as_version=4)
     with pytest.MonkeyPatch.context() as mp:
-        # The GIF goes to a temporary file, not over the committed one.
-        mp.delenv("ADAMAX_TOUR_GIF", raising=False)
+        # The GIF goes into pytest's temporary directory, not over the committed one, and
+        # not into a directory of its own that nothing would remove.
+        mp.setenv("ADAMAX_TOUR_GIF", str(work / "adamax_1d.gif"))
         client = nbclient.NotebookClient(
             nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(work)}}
         )
         client.execute()
+    # Written where it was told to go, so that pytest removes it with the rest.
+    assert (work / "adamax_1d.gif").read_bytes()[:6] == b"GIF89a"
     return nb
 
 

@@ -1,25 +1,45 @@
 """Parity with keras.optimizers.Adamax on the JAX backend: float32, 300 steps, rtol 1e-5.
 
-keras is imported unconditionally: where it is missing this module fails, so that CI never
-skips the port check silently.
+keras is imported unconditionally (by the module fixture below): where it is missing every
+test here errors, so that CI never skips the port check silently.
 """
 
-import os
+import importlib
+import sys
 
-# Keras picks its backend once, at import; the JAX backend needs no TensorFlow.
-os.environ["KERAS_BACKEND"] = "jax"
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
 
-import chex  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import pytest  # noqa: E402
-
-import adamax_jax as ax  # noqa: E402
-from tests.reference import params_away_from_zero, random_gradients  # noqa: E402
+import adamax_jax as ax
+from tests.reference import params_away_from_zero, random_gradients
 from tests.trajectory import scan_trajectory
+
+keras = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keras_on_jax():
+    """Imports keras on its JAX backend, with KERAS_BACKEND set for this module only.
+
+    Keras reads KERAS_BACKEND once, when ``keras`` is first imported
+    (``keras.src.backend.config``), and keeps that backend for the process. The variable is
+    set for the import and removed after this module, so that no other test and no worker
+    process started later inherits it. The JAX backend needs no TensorFlow.
+    """
+    global keras
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERAS_BACKEND", "jax")
+        if "keras" in sys.modules:
+            # Imported before with some backend: it must be JAX's.
+            assert sys.modules["keras"].backend.backend() == "jax"
+        keras = importlib.import_module("keras")
+        yield keras
+    keras = None
+
 
 STEPS = 300
 # The issue's bound on the largest relative deviation of any parameter at any step.

@@ -256,14 +256,30 @@ class _Quadratic:
         return 2 * theta
 
 
+def _run_chain(opt, params, grads):
+    p = jnp.asarray(params, jnp.float32)
+    state = opt.init(p)
+    for g in grads:
+        updates, state = opt.update(jnp.asarray(g, jnp.float32), state, p)
+        p = optax.apply_updates(p, updates)
+    return np.asarray(p, np.float64)
+
+
 def test_chain_after_clip_by_global_norm():
-    params = jnp.array([1.0, 2.0])
-    grads = jnp.array([30.0, 40.0])
-    ours = optax.chain(optax.clip_by_global_norm(1.0), ax.adamax(0.1))
-    clipped = grads / 50.0
-    u1, _ = ours.update(grads, ours.init(params), params)
-    u2, _ = ax.adamax(0.1).update(clipped, ax.adamax(0.1).init(params), params)
-    chex.assert_trees_all_close(u1, u2)
+    # The global norms change from step to step (50, 0.5, 20, 3) and the directions
+    # too: clipped at 1, each step's gradient is rescaled by its own factor, which
+    # AdaMax's running max does not undo. The first step alone could not tell: its
+    # direction g/|g| does not depend on the gradient's scale.
+    params = np.array([1.0, 2.0])
+    grads = np.array([[30.0, 40.0], [0.3, -0.4], [-12.0, 16.0], [2.4, 1.8]])
+    norms = np.linalg.norm(grads, axis=1)
+    clipped = grads * np.minimum(1.0, 1.0 / norms)[:, None]
+    got = _run_chain(optax.chain(optax.clip_by_global_norm(1.0), ax.adamax(0.1)), params, grads)
+    want = adamax_numpy(params, clipped, lr=0.1)[-1][0]
+    unclipped = adamax_numpy(params, grads, lr=0.1)[-1][0]
+    # The case tells clipping from none by far more than the tolerance.
+    assert np.max(np.abs(want - unclipped)) > 1e-2
+    np.testing.assert_allclose(got, want, rtol=1e-6, err_msg="clip_by_global_norm then adamax")
 
 
 @pytest.mark.usefixtures("standard_promotion")
@@ -297,15 +313,35 @@ def test_learning_rate_schedule():
 
 
 @pytest.mark.usefixtures("standard_promotion")
-def test_multi_steps_accumulates_then_steps():
-    opt = optax.MultiSteps(ax.adamax(0.1), every_k_schedule=2)
-    p = jnp.array([1.0])
-    s = opt.init(p)
-    u1, s = opt.update(jnp.array([1.0]), s, p)
-    np.testing.assert_array_equal(u1, jnp.zeros(1))
-    u2, s = opt.update(jnp.array([3.0]), s, p)
-    ref = ax.adamax(0.1).update(jnp.array([2.0]), ax.adamax(0.1).init(p), p)[0]
-    chex.assert_trees_all_close(u2, ref)
+def test_multi_steps_accumulates_the_mean_then_steps():
+    # Two micro-gradients per step. Their mean, their sum and the last of them give three
+    # different trajectories: the sum differs from the mean by a factor of 2, which a
+    # large ε (0.5, added to u) does not cancel, and the last differs in direction.
+    eps = 0.5
+    params = np.array([1.0, -1.0])
+    micro = np.array([[1.0, 3.0], [3.0, -1.0], [-1.0, 0.5], [0.5, 2.0], [2.0, -4.0], [4.0, 1.0]])
+    pairs = micro.reshape(3, 2, 2)
+    opt = optax.MultiSteps(ax.adamax(0.1, eps=eps), every_k_schedule=2)
+    p = jnp.asarray(params, jnp.float32)
+    state = opt.init(p)
+    for i, g in enumerate(micro):
+        updates, state = opt.update(jnp.asarray(g, jnp.float32), state, p)
+        if i % 2 == 0:
+            np.testing.assert_array_equal(updates, jnp.zeros(2), err_msg=f"micro-step {i + 1}")
+        p = optax.apply_updates(p, updates)
+    references = {
+        mode: adamax_numpy(params, grads, lr=0.1, eps=eps)[-1][0]
+        for mode, grads in {
+            "mean": pairs.mean(axis=1),
+            "sum": pairs.sum(axis=1),
+            "last": pairs[:, -1],
+        }.items()
+    }
+    for other in ("sum", "last"):
+        assert np.max(np.abs(references[other] - references["mean"])) > 1e-2, other
+    np.testing.assert_allclose(
+        np.asarray(p, np.float64), references["mean"], rtol=1e-6, err_msg="MultiSteps, mean"
+    )
 
 
 def test_masked_leaves_untouched():

@@ -1,5 +1,8 @@
+import decimal
+import fractions
 import functools
 import re
+from pathlib import Path
 
 import chex
 import jax
@@ -480,3 +483,592 @@ def test_adamax_step_saturates_beyond_int32():
     at_max = ax.adamax_step(1.0, 0.1, 0.02, 0.15, INT32_MAX)
     for t in (2**31, 2**40):
         chex.assert_trees_all_equal(ax.adamax_step(1.0, 0.1, 0.02, 0.15, t), at_max)
+
+
+# Hyperparameters of every form: read as one number and checked at build time.
+
+# Exact in float32, so that every form (float32 JAX arrays included) holds the
+# same number as the Python float.
+VALID = {
+    "learning_rate": 0.0625,
+    "b1": 0.875,
+    "b2": 0.9921875,
+    "eps": 2.0**-20,
+    "weight_decay": 0.25,
+}
+TAKES = {
+    "learning_rate": ("adamax", "adamaxw", "nadamax", "adamax_step"),
+    "b1": ALL,
+    "b2": ALL,
+    "eps": ALL,
+    "weight_decay": ("adamaxw",),
+}
+FORMS = {
+    "list": lambda x: [x],
+    "tuple": lambda x: (x,),
+    "nested-list": lambda x: [[x]],
+    "np-float64": np.float64,
+    "np-float32": np.float32,
+    "np-0d": np.asarray,
+    "np-1": lambda x: np.asarray([x]),
+    "np-1x1": lambda x: np.asarray([[x]]),
+    "jnp-0d": jnp.asarray,
+    "jnp-1": lambda x: jnp.asarray([x]),
+    "jnp-bfloat16": lambda x: jnp.asarray(x, jnp.bfloat16),
+    "fraction": fractions.Fraction,
+    "decimal": lambda x: decimal.Decimal(repr(x)),
+}
+
+
+def _first_update(factory, **kwargs):
+    """The first two updates (or adamax_step results) with these hyperparameters."""
+    if factory == "adamax_step":
+        zeros = jnp.zeros(2)
+        p, m, u = ax.adamax_step(
+            jnp.array([1.0, -0.5]), jnp.array([0.3, -2.0]), zeros, zeros, 1, **kwargs
+        )
+        return ax.adamax_step(p, jnp.array([-0.1, 4.0]), m, u, 2, **kwargs)
+    opt = FACTORIES[factory](**kwargs)
+    params = jnp.array([1.0, -0.5])
+    state = opt.init(params)
+    out = []
+    for g in ([0.3, -2.0], [-0.1, 4.0]):
+        updates, state = opt.update(jnp.asarray(g), state, params)
+        out.append(updates)
+    return out
+
+
+HYPER_FORM_CASES = [
+    pytest.param(factory, name, form, id=f"{factory}-{name}-{form}")
+    for name, factories in TAKES.items()
+    for factory in factories
+    for form in FORMS
+]
+
+
+@pytest.mark.parametrize("factory, name, form", HYPER_FORM_CASES)
+def test_hyperparameter_of_any_form_gives_the_plain_float_updates(factory, name, form):
+    value = FORMS[form](VALID[name])
+    chex.assert_trees_all_equal(
+        _first_update(factory, **{name: value}), _first_update(factory, **{name: VALID[name]})
+    )
+
+
+# Out of range in each form; the plain-float versions are in BAD_HYPERPARAMETERS.
+OUT_OF_RANGE = {
+    "learning_rate": [1e39, -1e39, 10**400, decimal.Decimal("1e400"), fractions.Fraction(10**400)],
+    "b1": [1.0, -0.25],
+    "b2": [1.5, -0.25],
+    "eps": [-0.3, 1e39, 3.5e38],
+    "weight_decay": [NAN, 1e39, -INF],
+}
+
+
+@pytest.mark.parametrize(
+    "factory, name, form, value",
+    [
+        pytest.param(factory, name, form, value, id=f"{factory}-{name}-{form}-{value!r:.20}")
+        for name, values in OUT_OF_RANGE.items()
+        for factory in TAKES[name]
+        for form in ("plain", "list", "np-1", "jnp-0d", "jnp-1", "decimal")
+        for value in values
+        # Forms that cannot hold the value: JAX refuses a Python int beyond int64 itself.
+        if not (form == "decimal" and isinstance(value, (decimal.Decimal, fractions.Fraction)))
+        and not (form.startswith("jnp") and not isinstance(value, float))
+        # A float32 JAX array of β₁ = 1 is read as the nearest float32 below 1.
+        and not (form.startswith("jnp") and name == "b1" and value == 1.0)
+    ],
+)
+def test_out_of_range_hyperparameter_of_any_form_names_argument(factory, name, form, value):
+    if form == "plain":
+        bad = value
+    else:
+        with np.errstate(over="ignore"):
+            bad = FORMS[form](value)
+    pattern = re.escape(f"`{name}`") + ".*" + re.escape(repr(bad))
+    with pytest.raises(ValueError, match=pattern):
+        FACTORIES[factory](**{name: bad})
+
+
+@pytest.mark.parametrize(
+    "factory", ["adamax", "adamaxw", "nadamax", "scale_by_adamax", "adamax_step"]
+)
+@pytest.mark.parametrize("eps", [1e39, np.float64(1e39), [1e39], decimal.Decimal("1e39"), 2.0**128])
+def test_eps_infinite_in_float32_is_refused_with_the_reason(factory, eps):
+    with pytest.raises(ValueError, match=re.escape("`eps` must be finite in float32")):
+        FACTORIES[factory](eps=eps)
+
+
+def test_hyperparameters_at_the_float32_limit():
+    f32_max = float(np.finfo(np.float32).max)
+    # The largest double that rounds to a finite float32 is accepted; the next is not.
+    limit = np.nextafter(2.0**128 * (1 - 2.0**-25), 0.0)
+    for value in (f32_max, limit):
+        ax.adamax(eps=value)
+        ax.adamaxw(learning_rate=-value, weight_decay=value)
+    for value in (2.0**128 * (1 - 2.0**-25), 2.0**128):
+        for name in ("eps", "learning_rate", "weight_decay"):
+            with pytest.raises(ValueError, match=re.escape(f"`{name}`")):
+                ax.adamaxw(**{name: value})
+
+
+# The inputs of the report, one by one.
+ISSUE_INPUTS = [
+    ("adamax", "b2", [1.5], "in [0, 1]"),
+    ("adamax", "eps", [-0.3], ">= 0"),
+    ("adamax", "b1", np.array([]), "one element"),
+    ("adamaxw", "weight_decay", [NAN], "finite"),
+    ("adamax", "learning_rate", np.array([0.1, 0.2]), "one element"),
+    ("adamax", "learning_rate", jnp.array([0.1, 0.2]), "one element"),
+    ("adamax", "eps", 1e39, "finite in float32"),
+]
+
+
+@pytest.mark.parametrize("factory, name, value, requirement", ISSUE_INPUTS)
+def test_reported_hyperparameters_refused_at_build_time(factory, name, value, requirement):
+    with pytest.raises(ValueError) as info:
+        FACTORIES[factory](**{name: value})
+    message = str(info.value)
+    assert f"`{name}`" in message and repr(value) in message and requirement in message
+
+
+def test_one_element_learning_rate_is_the_scalar_and_keeps_the_shape():
+    # A (1,)-shaped learning rate must not broadcast a 0-d parameter's update to (1,).
+    opt, plain = ax.adamax(learning_rate=[0.1]), ax.adamax(learning_rate=0.1)
+    params = jnp.asarray(1.0)
+    updates, _ = opt.update(jnp.asarray(2.0), opt.init(params), params)
+    expected, _ = plain.update(jnp.asarray(2.0), plain.init(params), params)
+    assert updates.shape == () and updates.dtype == jnp.float32
+    chex.assert_trees_all_equal(updates, expected)
+    # A few float32 roundings (0.1, 1 - β₁) from the exact value.
+    np.testing.assert_allclose(updates, -0.1 * 2.0 / (2.0 + 1e-8), rtol=1e-6)
+
+
+NOT_SCALAR = {
+    "list-2": [0.5, 0.5],
+    "tuple-2": (0.5, 0.5),
+    "np-2": np.array([0.5, 0.5]),
+    "np-1x2": np.array([[0.5, 0.5]]),
+    "jnp-2": jnp.array([0.5, 0.5]),
+    "empty-list": [],
+    "jnp-empty": jnp.zeros((0,)),
+}
+NOT_REAL = {
+    "ragged": [[0.5], [0.5, 0.5]],
+    "strings": ["0.5"],
+    "np-complex": np.complex64(0.5),
+    "jnp-complex": jnp.asarray(0.5 + 0j),
+    "np-bool": np.bool_(True),
+    "np-bool-array": np.array([True]),
+    "object": object(),
+    "shape-dtype-struct": jax.ShapeDtypeStruct((), jnp.float32),
+}
+
+
+@pytest.mark.parametrize("name", list(TAKES))
+@pytest.mark.parametrize("form", list(NOT_SCALAR) + list(NOT_REAL))
+def test_non_scalar_or_non_real_hyperparameter_names_argument(name, form):
+    value = {**NOT_SCALAR, **NOT_REAL}[form]
+    requirement = "scalar (one element)" if form in NOT_SCALAR else "real number"
+    for factory in TAKES[name]:
+        with pytest.raises(ValueError, match=re.escape(f"`{name}` must be a {requirement}")):
+            FACTORIES[factory](**{name: value})
+
+
+def test_schedules_pass_for_the_learning_rate_only():
+    schedule = optax.linear_schedule(0.1, 0.0, 10)
+    for factory in OPTIMIZERS:
+        FACTORIES[factory](learning_rate=schedule)
+    with pytest.raises(ValueError, match=re.escape("`learning_rate` must be a real number")):
+        ax.adamax_step(1.0, 0.1, 0.0, 0.0, 1, learning_rate=schedule)
+    with pytest.raises(ValueError, match=re.escape("`b1` must be a real number")):
+        ax.adamax(b1=schedule)
+
+
+@pytest.mark.parametrize("factory", OPTIMIZERS)
+def test_traced_hyperparameters_of_one_element_match_and_of_two_are_refused(factory):
+    params = jnp.array([1.0, -2.0])
+
+    def first_update(hyper):
+        o = FACTORIES[factory](**hyper)
+        return o.update(jnp.array([0.5, -0.25]), o.init(params), params)[0]
+
+    one = {k: jnp.asarray([VALID[k]]) for k in TAKES if factory in TAKES[k]}
+    chex.assert_trees_all_equal(
+        jax.jit(first_update)(one), first_update({k: VALID[k] for k in one})
+    )
+    for name in one:
+        two = {**one, name: jnp.asarray([VALID[name]] * 2)}
+        with pytest.raises(ValueError, match=re.escape(f"`{name}` must be a scalar")):
+            jax.jit(first_update)(two)
+        complex_ = {**one, name: jnp.asarray(VALID[name] + 0j)}
+        with pytest.raises(ValueError, match=re.escape(f"`{name}` must be a real number")):
+            jax.jit(first_update)(complex_)
+
+
+def test_concrete_jax_arrays_are_checked_under_jit_too():
+    # A concrete array closed over by a jitted function is not traced: it is checked.
+    b1 = jnp.asarray(1.5)
+
+    def build(params):
+        return ax.adamax(b1=b1).init(params)
+
+    with pytest.raises(ValueError, match=re.escape("`b1` must be in [0, 1)")):
+        jax.jit(build)(jnp.ones(2))
+
+
+def test_vmapped_hyperparameters_pass_and_match():
+    params = jnp.array([1.0, -2.0])
+    grads = jnp.array([0.5, -0.25])
+
+    def first_update(lr, b1):
+        opt = ax.adamax(lr, b1)
+        return opt.update(grads, opt.init(params), params)[0]
+
+    lrs, b1s = jnp.array([0.0625, 0.125]), jnp.array([0.875, 0.5])
+    batched = jax.vmap(first_update)(lrs, b1s)
+    for i in range(2):
+        chex.assert_trees_all_equal(batched[i], first_update(float(lrs[i]), float(b1s[i])))
+
+
+@pytest.mark.usefixtures("standard_promotion")
+@pytest.mark.parametrize("jit", [False, True])
+def test_inject_hyperparams_learning_rate_keeps_working(jit):
+    injected = optax.inject_hyperparams(ax.adamax)(learning_rate=1e-3)
+    plain = ax.adamax(1e-3)
+    params = jnp.array([1.0, -2.0])
+    s_inj, s_plain = injected.init(params), plain.init(params)
+    update_inj = jax.jit(injected.update) if jit else injected.update
+    for g in ([0.5, -1.0], [0.25, 3.0]):
+        u_inj, s_inj = update_inj(jnp.asarray(g), s_inj, params)
+        u_plain, s_plain = plain.update(jnp.asarray(g), s_plain, params)
+        chex.assert_trees_all_close(u_inj, u_plain, rtol=1e-6, atol=0)
+    # The second update in closed form: m̂ = m₂ / (1 - β₁²), u₂ = max(β₂ u₁, |g₂|).
+    m2 = 0.9 * (0.1 * np.array([0.5, -1.0])) + 0.1 * np.array([0.25, 3.0])
+    u2 = np.maximum(0.999 * np.array([0.5, 1.0]), np.array([0.25, 3.0]))
+    np.testing.assert_allclose(u_inj, -1e-3 * m2 / 0.19 / (u2 + 1e-8), rtol=1e-6)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_inject_hyperparams_validates_concrete_values_eagerly():
+    opt = optax.inject_hyperparams(ax.adamax)(learning_rate=1e-3, b2=1.5)
+    with pytest.raises(ValueError, match=re.escape("`b2` must be in [0, 1]")):
+        opt.init(jnp.ones(2))
+
+
+# Storage dtypes.
+
+FLOAT8 = [
+    getattr(jnp, n)
+    for n in dir(jnp)
+    if n.startswith("float8_") and jnp.issubdtype(jnp.dtype(getattr(jnp, n)), jnp.floating)
+]
+
+
+@pytest.mark.parametrize("factory", TRANSFORMS)
+@pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype"])
+@pytest.mark.parametrize("dtype", FLOAT8, ids=lambda d: jnp.dtype(d).name)
+def test_float8_storage_refused_at_build_time(dtype, name, factory):
+    with pytest.raises(
+        ValueError, match=re.escape(f"`{name}`") + ".*8-bit state is not supported yet"
+    ):
+        FACTORIES[factory](**{name: dtype})
+
+
+@pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype"])
+@pytest.mark.parametrize(
+    "dtype",
+    [jnp.int32, jnp.int8, jnp.uint8, jnp.int4, jnp.bool_, jnp.float4_e2m1fn, "float6_e2m3fn", "U3"],
+    ids=str,
+)
+def test_other_storage_dtypes_refused(name, dtype):
+    with pytest.raises(ValueError, match=re.escape(f"`{name}` must be None or one of float16")):
+        ax.adamax(**{name: dtype})
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("factory", TRANSFORMS)
+@pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype"])
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.complex128, "complex64"])
+def test_complex_storage_for_real_params_refused_at_init(dtype, name, factory, jit):
+    opt = FACTORIES[factory](**{name: dtype})
+    params = {"w": jnp.ones(2, jnp.complex64), "b": jnp.ones(3, jnp.bfloat16)}
+    init = jax.jit(opt.init) if jit else opt.init
+    with pytest.raises(ValueError) as info:
+        init(params)
+    message = str(info.value)
+    assert f"`{name}`" in message and "['b']" in message and "bfloat16" in message
+    assert "['w']" not in message
+
+
+@pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype"])
+@pytest.mark.parametrize("complex_mode", ["modulus", "split"])
+def test_complex_storage_for_complex_params_still_works(name, complex_mode):
+    opt = ax.adamax(0.1, complex_mode=complex_mode, **{name: jnp.complex64})
+    params = jnp.array([1.0 + 1.0j, -1.0j], jnp.complex64)
+    state = opt.init(params)
+    updates, state = opt.update(jnp.array([1.0 + 0j, 1j], jnp.complex64), state, params)
+    chex.assert_tree_all_finite((updates, state))
+    assert updates.dtype == jnp.complex64
+
+
+# adamax_step: `t` and integer leaves.
+
+BAD_STEPS = [
+    0.0,
+    -1.0,
+    1.5,
+    0,
+    -3,
+    NAN,
+    INF,
+    True,
+    np.float32(1.5),
+    np.int64(0),
+    np.array([0]),
+    [1.5],
+    jnp.asarray(0),
+    jnp.asarray(1.5),
+    jnp.asarray([2, 3]),
+    fractions.Fraction(3, 2),
+    decimal.Decimal("1.5"),
+    decimal.Decimal("NaN"),
+    "1",
+    None,
+]
+
+
+@pytest.mark.parametrize("t", BAD_STEPS, ids=repr)
+def test_adamax_step_refuses_a_step_that_is_not_an_integer_from_one(t):
+    with pytest.raises(ValueError, match=re.escape("`t`") + ".*" + re.escape(repr(t))):
+        ax.adamax_step(1.0, 0.1, 0.0, 0.0, t)
+
+
+def test_adamax_step_t_zero_float_is_refused_not_minus_infinity():
+    with pytest.raises(
+        ValueError, match=re.escape("`t` is the 1-based step and must be an integer >= 1, got 0.0.")
+    ):
+        ax.adamax_step(1.0, 0.1, 0.0, 0.0, t=0.0)
+
+
+GOOD_STEPS = [
+    2,
+    2.0,
+    np.int64(2),
+    np.uint8(2),
+    np.float32(2.0),
+    np.array(2),
+    np.array([2]),
+    [2],
+    (2,),
+    jnp.asarray(2),
+    jnp.asarray([2.0]),
+    fractions.Fraction(4, 2),
+    decimal.Decimal("2.000"),
+]
+
+
+@pytest.mark.parametrize("t", GOOD_STEPS, ids=repr)
+def test_adamax_step_reads_integral_steps_of_any_form(t):
+    # At t = 2 from m = 0.05, u = 0.5 with g = 0.1: m = 0.055, 1 - β₁² = 0.19, u = 0.4995.
+    expected = 1.0 - 0.002 * (0.055 / 0.19) / (0.4995 + 1e-8)
+    p, m, u = ax.adamax_step(1.0, 0.1, 0.05, 0.5, t)
+    np.testing.assert_allclose(p, expected, rtol=1e-7)
+    chex.assert_trees_all_equal((p, m, u), ax.adamax_step(1.0, 0.1, 0.05, 0.5, 2))
+
+
+HUGE_STEPS = {
+    "int": 2**31 + 5,
+    "int-2**63": 2**63,
+    "np-int64": np.int64(2**31 + 5),
+    "np-uint32": np.uint32(2**32 - 1),
+    "np-uint64": np.uint64(2**64 - 1),
+    "float": float(2**31 + 5),
+    "float-1e300": 1e300,
+    "np-float32": np.float32(3e9),
+    "decimal": decimal.Decimal(2**31 + 5),
+    "list": [2**31 + 5],
+}
+
+
+@pytest.mark.parametrize("t", list(HUGE_STEPS))
+def test_adamax_step_huge_step_saturates_like_the_counter(t):
+    at_max = ax.adamax_step(1.0, 0.1, 0.02, 0.15, INT32_MAX)
+    chex.assert_trees_all_equal(ax.adamax_step(1.0, 0.1, 0.02, 0.15, HUGE_STEPS[t]), at_max)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("dtype", ["int64", "uint64", "uint32", "float64"])
+def test_adamax_step_huge_x64_array_step_saturates(dtype, jit):
+    with jax.enable_x64(True):
+        at_max = ax.adamax_step(1.0, 0.1, 0.02, 0.15, INT32_MAX)
+        t = jnp.asarray(2**32 - 1 if dtype == "uint32" else 2**31 + 5, dtype)
+        step = jax.jit(ax.adamax_step) if jit else ax.adamax_step
+        got = step(1.0, 0.1, 0.02, 0.15, t)
+        chex.assert_trees_all_equal(got, at_max)
+        # Far from the -inf of a wrapped, negative step: the bias correction is 1.
+        expected = 1.0 - 0.002 * (0.9 * 0.02 + 0.1 * 0.1) / (0.15 * 0.999 + 1e-8)
+        np.testing.assert_allclose(got[0], expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "t",
+    [jnp.asarray(0), jnp.asarray(-1), jnp.asarray(1.5), jnp.asarray(NAN), jnp.asarray(-3e9)],
+    ids=repr,
+)
+def test_adamax_step_traced_invalid_step_gives_nan_not_a_wrong_number(t):
+    zeros = jnp.zeros(2)
+    p, m, u = jax.jit(ax.adamax_step)(jnp.array([1.0, 2.0]), jnp.array([0.1, 0.2]), zeros, zeros, t)
+    assert bool(jnp.all(jnp.isnan(p)))
+
+
+@pytest.mark.parametrize("t", [jnp.asarray(1), jnp.asarray(2.0), jnp.asarray(3e9)], ids=repr)
+def test_adamax_step_traced_valid_step_matches_eager(t):
+    args = (
+        jnp.array([1.0, 2.0]),
+        jnp.array([0.1, 0.2]),
+        jnp.array([0.05, 0.0]),
+        jnp.array([0.5, 0.0]),
+    )
+    chex.assert_trees_all_close(
+        jax.jit(ax.adamax_step)(*args, t),
+        ax.adamax_step(*args, int(min(float(t), INT32_MAX))),
+        rtol=1e-7,
+        atol=0,
+    )
+
+
+def test_adamax_step_integer_param_is_promoted_not_truncated():
+    p, m, u = ax.adamax_step(1, 0.1, 0.0, 0.0, 1)
+    assert p.dtype == jnp.float32
+    np.testing.assert_allclose(p, 1.0 - 0.002 * 0.1 / (0.1 + 1e-8), rtol=1e-7)
+    np.testing.assert_allclose(p, 0.998, rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "zero",
+    [0, np.int64(0), jnp.asarray(0, jnp.int32), jnp.asarray(0, jnp.uint8), [0]],
+    ids=repr,
+)
+def test_adamax_step_integer_moments_give_the_float_moment_steps(zero):
+    def wrap(x):
+        return [x] if isinstance(zero, list) else x
+
+    def run(m, u):
+        p = wrap(1.0)
+        for t in (1, 2, 3):
+            p, m, u = ax.adamax_step(p, wrap(0.1), m, u, t)
+        return p, m, u
+
+    got, floats = run(zero, zero), run(wrap(0.0), wrap(0.0))
+    chex.assert_trees_all_equal(got, floats)
+    # A constant gradient: m̂ = g and u = g at every step.
+    np.testing.assert_allclose(jnp.ravel(got[0]), 1.0 - 3 * 0.002 * 0.1 / (0.1 + 1e-8), rtol=1e-7)
+    np.testing.assert_allclose(got[0], 0.994, rtol=1e-6)
+    assert all(jnp.issubdtype(x.dtype, jnp.floating) for x in got)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_adamax_step_integer_arrays_and_trees_are_promoted(jit):
+    step = jax.jit(ax.adamax_step, static_argnums=()) if jit else ax.adamax_step
+    param = {
+        "a": jnp.array([1, -2], jnp.int32),
+        "b": np.array([3], np.int64),
+        "c": jnp.array([0.5], jnp.bfloat16),
+    }
+    grad = {
+        "a": jnp.array([1, 0], jnp.int8),
+        "b": np.array([-2.0]),
+        "c": jnp.array([1.0], jnp.bfloat16),
+    }
+    zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x)), param)
+    p, m, u = step(param, grad, zeros, zeros, 1)
+    assert p["a"].dtype == p["b"].dtype == jnp.float32 and p["c"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(p["a"], [1.0 - 0.002 / (1 + 1e-8), -2.0], rtol=1e-7)
+    np.testing.assert_allclose(p["b"], [3.0 + 0.002], rtol=1e-7)
+    assert m["a"].dtype == u["a"].dtype == jnp.float32
+
+
+def test_adamax_step_integer_leaves_promote_to_float64_under_x64():
+    with jax.enable_x64(True):
+        p, m, u = ax.adamax_step(np.array([1]), np.array([1]), np.array([0]), np.array([0]), 1)
+        assert p.dtype == m.dtype == u.dtype == jnp.float64
+        np.testing.assert_allclose(p, [1.0 - 0.002 / (1 + 1e-8)], rtol=1e-15)
+
+
+@pytest.mark.parametrize("argument", ["param", "grad", "m", "u"])
+@pytest.mark.parametrize("bad", [True, np.array([True, False]), "1.0", object()], ids=repr)
+def test_adamax_step_boolean_or_text_leaves_name_argument_and_path(argument, bad):
+    args = {k: {"w": jnp.ones(2)} for k in ("param", "grad", "m", "u")}
+    args[argument] = {"w": bad}
+    if not isinstance(bad, np.ndarray):
+        args = {k: {"w": 1.0} if k != argument else v for k, v in args.items()}
+    with pytest.raises(TypeError, match=re.escape(f"`{argument}`['w']")):
+        ax.adamax_step(args["param"], args["grad"], args["m"], args["u"], 1)
+
+
+def test_input_rules_page_quotes_the_errors_as_raised():
+    page = (Path(__file__).resolve().parent.parent / "docs" / "input_rules.md").read_text()
+    for build in (
+        lambda: ax.adamax(eps=1e39),
+        lambda: ax.adamax(b2=[1.5]),
+        lambda: ax.adamax(learning_rate=jnp.array([0.1, 0.2])),
+    ):
+        with pytest.raises(ValueError) as info:
+            build()
+        assert f"ValueError: {info.value}\n" in page
+
+
+def test_adamax_step_vmapped_steps_nan_only_where_invalid():
+    ts = jnp.array([1, 2, 0, -4, 2**31 - 1])
+    p, m, u = jax.vmap(lambda t: ax.adamax_step(1.0, 0.1, 0.05, 0.5, t))(ts)
+    assert not bool(jnp.any(jnp.isnan(p[jnp.array([0, 1, 4])])))
+    assert bool(jnp.all(jnp.isnan(p[jnp.array([2, 3])])))
+    for i in (0, 1, 4):
+        chex.assert_trees_all_close(
+            (p[i], m[i], u[i]), ax.adamax_step(1.0, 0.1, 0.05, 0.5, int(ts[i])), rtol=1e-7, atol=0
+        )
+
+
+def test_complex_storage_refused_for_abstract_real_params():
+    params = {"w": jax.ShapeDtypeStruct((2, 4), jnp.float32)}
+    with pytest.raises(
+        ValueError, match=re.escape("`nu_dtype` is complex64") + ".*" + re.escape("['w']")
+    ):
+        jax.eval_shape(ax.adamax(nu_dtype=jnp.complex64).init, params)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_b1_rounded_to_one_in_float32_reads_the_same_eagerly_and_traced():
+    # inject_hyperparams hands the factory float32 arrays: 1 - 1e-8 arrives as
+    # 1.0, concrete in init and eager updates, traced under jit. Both read it
+    # as the nearest float32 below 1, and give (nearly) the plain float's step.
+    injected = optax.inject_hyperparams(ax.adamax)(learning_rate=1e-3, b1=1 - 1e-8)
+    plain = ax.adamax(1e-3, b1=1 - 1e-8)
+    params = jnp.ones(2)
+    grads = jnp.array([0.5, -2.0])
+    eager, _ = injected.update(grads, injected.init(params), params)
+    traced, _ = jax.jit(injected.update)(grads, injected.init(params), params)
+    expected, _ = plain.update(grads, plain.init(params), params)
+    chex.assert_trees_all_close(eager, traced, rtol=1e-6, atol=0)
+    chex.assert_trees_all_close(eager, expected, rtol=1e-6, atol=0)
+    ax.adamax(b1=jnp.asarray([1.0]))
+
+
+@pytest.mark.parametrize(
+    "b1", [np.float32(1 - 1e-8), jnp.asarray(1 - 1e-3, jnp.bfloat16), jnp.asarray(1.0, jnp.float16)]
+)
+def test_b1_rounded_to_one_in_numpy_or_below_float32_is_refused_with_the_way_out(b1):
+    with pytest.raises(ValueError, match=re.escape("`b1` must be in [0, 1)")) as info:
+        ax.adamax(b1=b1)
+    assert "Python float" in str(info.value) and "hyperparam_dtype=jnp.float64" in str(info.value)
+
+
+def test_b1_exact_with_float64_injected_hyperparameters():
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        opt = optax.inject_hyperparams(ax.adamax, hyperparam_dtype=jnp.float64)(
+            learning_rate=1e-3, b1=1 - 1e-8
+        )
+        params = jnp.ones(2, jnp.float32)
+        updates, _ = opt.update(jnp.ones(2, jnp.float32), opt.init(params), params)
+        np.testing.assert_allclose(updates, [-1e-3, -1e-3], rtol=1e-6)

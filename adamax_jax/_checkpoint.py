@@ -1,0 +1,208 @@
+"""Checkpoints: the optimizer state to restore into, and the check that a saved one fits."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Sharding
+
+from adamax_jax._sharding import init_placement, params_mesh
+
+
+def _plain(shapes: Any) -> Any:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
+
+
+def abstract_state(
+    opt: optax.GradientTransformation,
+    params: Any,
+    *,
+    shardings: Any = "params",
+) -> Any:
+    """The optimizer state of `opt` for `params`, as ``jax.ShapeDtypeStruct``.
+
+    The target to restore a checkpointed state into, on any mesh and in any
+    layout: a checkpointing library (orbax) reads each array straight into the
+    shards given here, whatever device count or layout wrote it. Shapes and
+    dtypes are those of ``opt.init(params)``, found with ``jax.eval_shape``, so
+    that any ``optax`` transformation and any state layout is covered and
+    nothing is computed or allocated.
+
+    `shardings` says where the state goes:
+
+    * ``"params"``: where ``jax.jit(opt.init)`` places it for `params`, for
+      the transformations of this package like the parameters themselves
+      (scalars such as ``count`` replicated). `params` are arrays or
+      ``jax.ShapeDtypeStruct`` with their shardings, all over one mesh; leaves
+      without a ``NamedSharding`` count as replicated over it, and parameters
+      with no mesh at all put the state where they are (or on the default
+      device).
+    * a ``jax.sharding.Sharding``: every array of the state placed so (one
+      device, or replicated over a mesh).
+    * a pytree of ``Sharding`` with the structure of the state, such as
+      :func:`zero1_state_shardings` gives (ZeRO-1: the state split over the
+      data axis).
+    * ``None``: shapes and dtypes only, with no placement.
+
+    Args:
+        opt: The optimizer, any ``optax.GradientTransformation``.
+        params: The parameters the state is for: arrays or
+            ``jax.ShapeDtypeStruct``, with the shapes and dtypes of the run
+            that continues.
+        shardings: ``"params"``, a ``Sharding``, a pytree of them, or ``None``.
+
+    Returns:
+        A pytree with the structure of ``opt.init(params)`` whose leaves are
+        ``jax.ShapeDtypeStruct`` (with the sharding asked for).
+
+    Raises:
+        TypeError: If `shardings` is none of the above, or a pytree with a leaf
+            that is not a ``Sharding``.
+        ValueError: If the pytree of `shardings` does not have the structure of
+            the state (the message lists the key paths that differ), or the
+            leaves of `params` are sharded over different meshes.
+
+    Examples:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> from adamax_jax import abstract_state, adamax
+        >>> opt = adamax(0.01, nu_dtype=jnp.bfloat16)
+        >>> params = {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32)}
+        >>> one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        >>> target = abstract_state(opt, params, shardings=one)
+        >>> target[0].nu["w"].codes.sharding == one
+        True
+        >>> target = abstract_state(opt, params, shardings=None)
+        >>> target[0].nu["w"].codes
+        ShapeDtypeStruct(shape=(4, 3), dtype=bfloat16)
+        >>> target[0].nu["w"].scale
+        ShapeDtypeStruct(shape=(), dtype=float32)
+    """
+    if isinstance(shardings, str) and shardings == "params":
+        shapes, placed = init_placement(opt, params, params_mesh(params))
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, placed
+        )
+    shapes = _plain(jax.eval_shape(opt.init, _plain(params)))
+    if shardings is None:
+        return shapes
+    if isinstance(shardings, Sharding):
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings), shapes
+        )
+    leaves = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    if isinstance(shardings, str) or not leaves:
+        raise TypeError(
+            '`shardings` must be "params", None, a jax.sharding.Sharding or a pytree of them, '
+            f"got {shardings!r}."
+        )
+    for path, leaf in leaves:
+        if not isinstance(leaf, Sharding):
+            raise TypeError(
+                f"`shardings`{jax.tree_util.keystr(path)} must be a jax.sharding.Sharding, "
+                f"got {type(leaf).__name__}."
+            )
+    if jax.tree.structure(shardings) != jax.tree.structure(shapes):
+        lines = _differences(shapes, shardings, "`shardings`", compare=False) or [
+            f"  {jax.tree.structure(shardings)} is not {jax.tree.structure(shapes)}"
+        ]
+        raise ValueError(
+            "`shardings` must have the structure of the state `opt.init(params)`:\n"
+            + "\n".join(lines)
+        )
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+
+def _key(entry: Any) -> str:
+    # A NamedTuple's field, a dict's key and a list's index, as a checkpoint
+    # stores them (orbax keeps NamedTuples as dicts and tuples as lists).
+    for attribute in ("name", "key", "idx"):
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    return str(entry)
+
+
+def _by_key(tree: Any) -> dict[tuple[str, ...], tuple[str, Any]]:
+    return {
+        tuple(_key(e) for e in path): (jax.tree_util.keystr(path), leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _describe(leaf: Any) -> str:
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if shape is None or dtype is None:
+        return type(leaf).__name__
+    return f"{jnp.dtype(dtype).name}{list(shape)}"
+
+
+def _differences(expected: Any, found: Any, name: str, compare: bool = True) -> list[str]:
+    want, got = _by_key(expected), _by_key(found)
+    lines = []
+    for key, (path, leaf) in want.items():
+        if key not in got:
+            lines.append(f"  {path}: missing from {name}; expected {_describe(leaf)}")
+            continue
+        other = got[key][1]
+        if not compare:
+            continue
+        shape, dtype = getattr(other, "shape", None), getattr(other, "dtype", None)
+        if shape is None or dtype is None:
+            lines.append(f"  {path}: {name} holds a {type(other).__name__}, not an array")
+            continue
+        if jnp.dtype(dtype) != jnp.dtype(leaf.dtype) or tuple(shape) != tuple(leaf.shape):
+            lines.append(f"  {path}: {_describe(other)} in {name}, expected {_describe(leaf)}")
+    for key, (path, leaf) in got.items():
+        if key not in want:
+            lines.append(f"  {path}: {_describe(leaf)} in {name}, not in the state of `opt`")
+    return lines
+
+
+def check_state(opt: optax.GradientTransformation, params: Any, state: Any) -> None:
+    """Checks that `state` is a state of `opt` for `params`: the same arrays, dtypes and shapes.
+
+    A checkpoint restores into whatever target it is given: an array saved in
+    bfloat16 comes back cast to a float32 target, a leaf the target lacks is
+    dropped, and the optimizer goes on from a state it never wrote. Check the
+    checkpoint's metadata before restoring (or the restored state after), so
+    that a state of another configuration fails loudly instead.
+
+    Leaves are matched by their key paths, with a NamedTuple's fields, a
+    dict's keys and a sequence's indices taken alike (checkpoints store
+    NamedTuples as dicts and tuples as lists); ``None`` leaves hold nothing.
+
+    Args:
+        opt: The optimizer, any ``optax.GradientTransformation``.
+        params: The parameters: arrays or ``jax.ShapeDtypeStruct``.
+        state: A pytree whose leaves have ``shape`` and ``dtype``: a restored
+            state, or the metadata a checkpointing library keeps of one (such
+            as the subtree of ``orbax.checkpoint.StandardCheckpointer().
+            metadata(path).item_metadata`` that holds the state).
+
+    Raises:
+        ValueError: If `state` does not match ``opt.init(params)``; the message
+            lists every key path that is missing, extra, or of another dtype
+            or shape.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from adamax_jax import adamax, check_state
+        >>> params = {"w": jnp.zeros(3)}
+        >>> check_state(adamax(), params, adamax().init(params))
+        >>> saved = adamax(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16).init(params)
+        >>> check_state(adamax(), params, saved)
+        Traceback (most recent call last):
+        ...
+        ValueError: `state` is not a state of `opt` for `params`:
+          [0].mu['w']: bfloat16[3] in `state`, expected float32[3]
+          [0].nu['w']: missing from `state`; expected float32[3]
+          [0].nu['w'].codes: bfloat16[3] in `state`, not in the state of `opt`
+          [0].nu['w'].scale: float32[] in `state`, not in the state of `opt`
+    """
+    expected = abstract_state(opt, params, shardings=None)
+    lines = _differences(expected, state, "`state`")
+    if lines:
+        raise ValueError("`state` is not a state of `opt` for `params`:\n" + "\n".join(lines))

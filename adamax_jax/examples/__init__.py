@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m adamax_jax.examples.<name>``."""
