@@ -358,10 +358,10 @@ def check_moment_dtype(name: str, value: Any) -> None:
             dtype = None
         if dtype is not None and dtype in _EIGHT_BIT:
             return
-        if dtype is not None and dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
             raise ValueError(
-                f"`{name}` is {dtype}; 8-bit storage is jnp.int8, jnp.uint8 (ν only), "
-                "jnp.float8_e4m3fn or jnp.float8_e5m2."
+                f"`{name}` got {value!r} ({dtype}); 8-bit storage is jnp.int8, jnp.uint8 "
+                "(ν only), jnp.float8_e4m3fn or jnp.float8_e5m2."
             )
     check_dtype(name, value)
 
@@ -396,7 +396,8 @@ def check_eight_bit(
 def _check_eight_bit_dtypes(mu_name: str, mu_dtype: Any, nu_name: str, nu_dtype: Any) -> None:
     if mu_dtype is not None and jnp.dtype(mu_dtype) == jnp.uint8:
         raise ValueError(
-            f"`{mu_name}` cannot be uint8: the first moment has a sign. Use jnp.int8 (or a "
+            f"`{mu_name}` cannot be uint8 (got {mu_dtype!r}): the first moment has a sign. "
+            "Use jnp.int8 (or a "
             f"float8 dtype) for it; uint8 is for `{nu_name}`, which is never negative."
         )
     for name, value in ((mu_name, mu_dtype), (nu_name, nu_dtype)):
@@ -405,8 +406,8 @@ def _check_eight_bit_dtypes(mu_name: str, mu_dtype: Any, nu_name: str, nu_dtype:
         dtype = jnp.dtype(value)
         if dtype.itemsize == 1 and dtype not in _EIGHT_BIT:
             raise ValueError(
-                f"`{name}` is {dtype}; 8-bit storage is jnp.int8, jnp.uint8 (ν only), "
-                "jnp.float8_e4m3fn or jnp.float8_e5m2."
+                f"`{name}` got {value!r} ({dtype}); 8-bit storage is jnp.int8, jnp.uint8 "
+                "(ν only), jnp.float8_e4m3fn or jnp.float8_e5m2."
             )
 
 
