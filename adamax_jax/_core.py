@@ -93,8 +93,8 @@ def bias_corrections(
     _, one_minus_b1 = b1_terms(b1, dtype)
     log_b1 = jnp.log1p(-one_minus_b1)
 
-    def correction(t: jax.Array) -> jax.Array:
-        return -jnp.expm1(t.astype(log_b1.dtype) * log_b1)
+    def correction(t: jax.typing.ArrayLike) -> jax.Array:
+        return -jnp.expm1(jnp.asarray(t).astype(log_b1.dtype) * log_b1)
 
     if not nesterov:
         return correction(count), None

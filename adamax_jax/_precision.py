@@ -85,7 +85,7 @@ def _store_stochastic(value: jax.Array, previous: jax.Array, salt: jax.Array) ->
     other = jnp.nextafter(nearest, jnp.where(value > here, jnp.inf, -jnp.inf).astype(dtype))
     gap = jnp.abs(other.astype(value.dtype) - here)
     # Taken with probability |value - nearest| / gap (at most 1/2): unbiased.
-    take = uniform_hash(value, previous, salt) * gap < jnp.abs(value - here)
+    take = uniform_hash(value, previous, salt).astype(value.dtype) * gap < jnp.abs(value - here)
     big = jnp.asarray(jnp.finfo(dtype).max, dtype)
     return jnp.clip(jnp.where(take, other, nearest), -big, big)
 

@@ -34,8 +34,8 @@ class ScaleByAdamaxState(NamedTuple):
     :class:`EncodedMoment` holds codes, a scale and the name of the codec
     that wrote them. ``opt.init`` makes plain arrays wherever the moment is
     stored in 32 bits or more (the default for float32 parameters, where the
-    state is laid out exactly as ``optax.adamax``'s) and bfloat16 μ; encoded
-    ones for ν below 32 bits and float16 μ. :func:`infinity_norm` gives
+    state is laid out exactly as ``optax.adamax``'s) and for μ below 32 bits;
+    encoded ones for ν below 32 bits. :func:`infinity_norm` gives
     ``u_t`` from either, and ``update`` refuses a moment whose layout
     contradicts its dtype (such as a plain bfloat16 ν after a cast), naming
     its path.
@@ -47,8 +47,9 @@ class ScaleByAdamaxState(NamedTuple):
     """
 
     count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride] (a field, as in optax)
-    mu: optax.Updates
-    nu: optax.Updates
+    # Plain arrays or EncodedMoment nodes, shaped like the parameters.
+    mu: Any
+    nu: Any
 
 
 def _check_hyperparameters(b1: Any, b2: Any, eps: Any, eps_mode: Any) -> tuple[Any, Any, Any]:
@@ -104,20 +105,21 @@ def scale_by_adamax(
     changes only when a gradient exceeds it (one rounding, not one per step),
     and when ``s_t`` would fall below 1 a power of two — exact in binary
     floating point — moves it back up and is applied to the codes. A code is
-    rounded so that it never reads back below the gradient it holds. float16
-    μ is encoded the same way with a power-of-two scale, and in float16 the
-    scale grows (by powers of two) with the largest gradient, so that no
-    finite gradient overflows the store. Where ν is stored in 32 bits or more
-    (the default for float32 parameters) it is a plain array holding ``u_t``,
-    as in optax; :func:`infinity_norm` reads ``u_t`` from either.
+    rounded so that it never reads back below the gradient it holds. A
+    16-bit moment past its dtype's range (float16 ends at 65504) is held at
+    the largest finite value, element by element. Where ν is stored in 32
+    bits or more (the default for float32 parameters) it is a plain array
+    holding ``u_t``, as in optax; :func:`infinity_norm` reads ``u_t`` from
+    either.
 
-    A first moment stored in fewer than 32 bits is rounded to nearest, except
-    where that would leave it unchanged although it moved: it then moves by
-    one unit in the last place towards the new value. Rounding to nearest
-    alone lets ``m_t`` stall short of a steady gradient, by up to
-    ``ulp / (2 (1 - β₁))`` (2 to 4 % in bfloat16), and every later step with it.
-    Rounding has no derivative; ``jax.grad`` through an update passes the
-    derivative of the unrounded moments (the straight-through rule).
+    A first moment stored in fewer than 32 bits is rounded stochastically,
+    with a deterministic draw (see ``store_moment`` in the precision module):
+    rounding to nearest lets ``m_t`` stall short of a steady gradient, by up
+    to ``ulp / (2 (1 - β₁))`` (2 to 4 % in bfloat16), and every later step
+    with it. What remains is zero-mean noise of about
+    ``ulp / sqrt(6 (1 - β₁²))`` of m. Rounding has no derivative; ``jax.grad``
+    through an update passes the derivative of the unrounded moments (the
+    straight-through rule).
 
     8-bit storage (``jnp.int8`` for either moment, ``jnp.uint8`` for ν only,
     ``jnp.float8_e4m3fn``, ``jnp.float8_e5m2``) is block-wise, as in
@@ -526,8 +528,7 @@ def convert_state(
     def is_counter(x: Any) -> bool:
         return (
             isinstance(x, tuple)
-            and hasattr(x, "_fields")
-            and "count" in x._fields
+            and "count" in getattr(x, "_fields", ())
             and not isinstance(x, (ScaleByAdamaxState, optax.ScaleByAdamState))
         )
 
@@ -555,7 +556,7 @@ def convert_state(
 def _step_count(count: Any, name: str, dtype: Any) -> jax.Array:
     """A step count in `dtype`, saturating at the int32 maximum; concrete nonsense refused."""
     top = int(np.iinfo(np.int32).max)
-    if not isinstance(count, jax.core.Tracer):
+    if not _validation.is_traced(count):
         value = np.asarray(count).item()
         if not (math.isfinite(value) and float(value) == int(value) and value >= 0):
             raise ValueError(f"The state's {name} must be a whole number >= 0, got {value!r}.")
@@ -613,7 +614,7 @@ def _chain(
     """
     learning_rate = _validation.check_learning_rate(learning_rate)
     _validation.check_bool("compensated", compensated)
-    parts = [
+    parts: list[optax.GradientTransformation] = [
         _scale_by_adamax(
             b1,
             b2,
@@ -937,7 +938,7 @@ def _as_tree(name: str, x: Any) -> Any:
             )
         if jnp.issubdtype(dtype, jnp.integer):
             with jax.numpy_dtype_promotion("standard"):
-                y = y.astype(jnp.result_type(dtype, float))
+                y = jnp.asarray(y).astype(jnp.result_type(dtype, float))
         return y
 
     return jax.tree_util.tree_map_with_path(leaf, x, is_leaf=lambda y: y is None)
@@ -1014,11 +1015,12 @@ def adamax_step(
     for name, tree in (("grad", grad), ("m", m), ("u", u)):
         _validation.check_same_structure(name, tree, "param", param)
     for path, leaf in jax.tree_util.tree_flatten_with_path(u)[0]:
-        if _codecs.codec_for(leaf.dtype, "nu") is not None:
+        if _codecs.codec_for(jnp.asarray(leaf).dtype, "nu") is not None:
             # The transformations store such a ν scaled (an EncodedMoment); a plain
             # one rounds 0.999 u back to u at every step and never decays.
             raise TypeError(
-                f"`u`{jax.tree_util.keystr(path)} is {leaf.dtype}: a plain 16-bit u never "
+                f"`u`{jax.tree_util.keystr(path)} is {jnp.asarray(leaf).dtype}: a plain 16-bit "
+                "u never "
                 "decays (β₂ u rounds back to u). Keep `u` in float32 or wider, or use "
                 "`scale_by_adamax(nu_dtype=...)`, which stores it scaled."
             )

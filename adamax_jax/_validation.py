@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import core
 
 from adamax_jax._tree import is_leaf
 
@@ -35,7 +36,7 @@ STORAGE_DTYPES: tuple[jnp.dtype, ...] = tuple(
 
 def is_traced(value: Any) -> bool:
     """Whether `value` is a JAX tracer: a value known only when the program runs."""
-    return isinstance(value, jax.core.Tracer)
+    return isinstance(value, core.Tracer)
 
 
 def _not_real(name: str, value: Any) -> ValueError:
@@ -443,7 +444,7 @@ def _dtype(leaf: Any) -> jnp.dtype:
     # Arrays, tracers and jax.ShapeDtypeStruct carry a dtype; reading it
     # copies nothing, where jnp.asarray would copy a NumPy leaf to the device.
     dtype = getattr(leaf, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.extended):
         # PRNG keys and other extended dtypes are no NumPy dtypes: keep them as they are.
         return dtype
     return jnp.dtype(dtype) if dtype is not None else jnp.result_type(leaf)

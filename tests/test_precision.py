@@ -307,15 +307,17 @@ def test_low_precision_mu_reaches_a_steady_gradient(dtype, target):
     b1 = 0.9
     m_stored = m_nearest = jnp.asarray(10 * target, dtype)
     seen = []
-    for _ in range(300):
-        m_stored = store_moment(b1 * m_stored.astype(F32) + (1 - b1) * F32(target), m_stored)
+    for step in range(600):
+        value = b1 * m_stored.astype(F32) + (1 - b1) * F32(target)
+        m_stored = store_moment(value, m_stored, step)
         m_nearest = (b1 * m_nearest.astype(F32) + (1 - b1) * F32(target)).astype(dtype)
         seen.append(float(m_stored))
         assert m_stored.dtype == dtype
     ulp = _ulp(target, dtype)
-    # It keeps within a unit of the gradient; rounding to nearest stalls well short.
-    assert np.max(np.abs(np.asarray(seen[-20:]) - target)) <= ulp
-    assert abs(np.mean(seen[-20:]) - target) <= ulp / 2
+    # Stochastic rounding: it stays within a few units of the gradient, and on average
+    # (over the last 300 steps) within half of one; rounding to nearest stalls well short.
+    assert np.max(np.abs(np.asarray(seen[-300:]) - target)) <= 4 * ulp
+    assert abs(np.mean(seen[-300:]) - target) <= ulp / 2
     assert abs(float(m_nearest) - target) > 2 * ulp
 
 
@@ -329,8 +331,8 @@ def test_store_moment_rounds_to_nearest_in_32_bits(dtype):
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_store_moment_decays_to_zero(dtype):
     m = jnp.asarray([1.0, -1.0, 5e-5], dtype)
-    for _ in range(4000):
-        m = store_moment(0.9 * m.astype(F32), m)
+    for step in range(4000):
+        m = store_moment(0.9 * m.astype(F32), m, step)
     np.testing.assert_array_equal(np.asarray(m, np.float32), 0.0)
 
 

@@ -107,7 +107,7 @@ class _Run:
             for x, y in zip(xs, ys, strict=True):
                 x, y = self.put(x, self.batch), self.put(y, self.batch)
                 params, state, loss = self.step(params, state, x, y)
-        return params, state, float(loss)
+        return params, state, float(loss)  # pyright: ignore[reportArgumentType]
 
 
 def _loopback_gloo():
@@ -117,7 +117,7 @@ def _loopback_gloo():
     try:
         from jax._src import xla_bridge
 
-        make = xla_bridge._jax.make_gloo_tcp_collectives
+        make = xla_bridge._jax.make_gloo_tcp_collectives  # pyright: ignore[reportPrivateImportUsage]
     except (ImportError, AttributeError):
         return
 
@@ -125,7 +125,7 @@ def _loopback_gloo():
         del hostname, interface
         return make(distributed_client=distributed_client, hostname="127.0.0.1")
 
-    xla_bridge._jax.make_gloo_tcp_collectives = loopback
+    xla_bridge._jax.make_gloo_tcp_collectives = loopback  # pyright: ignore[reportPrivateImportUsage]
 
 
 def _train(args):
@@ -164,7 +164,7 @@ def _train(args):
         )
         # Replicated parameters: every process holds the whole of each.
         final = {k: np.asarray(v.addressable_data(0)) for k, v in params.items()}
-        np.savez(args.dir / "uninterrupted.npz", **final)
+        np.savez(args.dir / "uninterrupted.npz", **final)  # pyright: ignore[reportArgumentType]
     jax.distributed.shutdown()
 
 
@@ -230,7 +230,7 @@ def _free_port():
 
 def main(argv=None):
     """Runs the example; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--processes", type=int, default=2, help="local processes (default 2)")
     parser.add_argument("--devices", type=int, default=4, help="CPU devices per process")
     parser.add_argument("--steps", type=int, default=5, help="steps before and after saving")
