@@ -333,6 +333,7 @@ def encode(
     plain = previous.codes if is_encoded(previous) else previous
     dtype = plain.dtype
     if is_encoded(previous):
+        assert scale is not None
         rdt = jnp.finfo(value.dtype).dtype
         value = value / scale.astype(rdt).astype(value.dtype)
         if floor is not None:
@@ -346,6 +347,7 @@ def encode(
     if below_32_bits(dtype):
         codes = _saturate(codes)
     if is_encoded(previous):
+        assert scale is not None
         return EncodedMoment(codes=codes, scale=scale, codec=previous.codec)
     return codes
 
