@@ -1,6 +1,7 @@
 """Sharding helpers: optimizer state that lives where the parameters live."""
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -159,9 +160,18 @@ def init_placement(opt: optax.GradientTransformation, params: Any, mesh: Mesh | 
 
 
 def _split(
-    shape: tuple[int, ...], spec: tuple[Any, ...], axes: tuple[str, ...], mesh: Any
+    shape: tuple[int, ...],
+    spec: tuple[Any, ...],
+    axes: tuple[str, ...],
+    mesh: Any,
+    block: int | None = None,
 ) -> PartitionSpec:
-    """Adds `axes` to the entry of `spec` for the dimension that takes them best."""
+    """Adds `axes` to the entry of `spec` for the dimension that takes them best.
+
+    With `block`, the last dimension is split only where every shard holds
+    whole blocks of that many values, so that block-wise codes and their
+    per-block scales split alike.
+    """
     entries = [_spec_axes(e) for e in spec] + [()] * (len(shape) - len(spec))
     if any(a in axes for entry in entries for a in entry):
         # Already split over (part of) `axes`, as the parameters are under FSDP.
@@ -172,6 +182,9 @@ def _split(
         for size, entry in zip(shape, entries, strict=True)
     ]
     divisible = [d for d in range(len(shape)) if local[d] % n == 0 and local[d] > 0]
+    if block is not None:
+        last = len(shape) - 1
+        divisible = [d for d in divisible if d != last or (local[d] // n) % block == 0]
     if not divisible:
         return PartitionSpec(*spec)
     # A dimension not split yet if there is one: on Explicit axes a state
@@ -238,10 +251,23 @@ def zero1_state_shardings(
         )
     shapes, placed = init_placement(opt, params, mesh)
 
-    def leaf(shape: jax.ShapeDtypeStruct, sharding: Any) -> NamedSharding:
+    def leaf(shape: jax.ShapeDtypeStruct, sharding: Any, block: int | None = None) -> Any:
         spec = ()
         if isinstance(sharding, NamedSharding) and _same_mesh(sharding.mesh, mesh):
             spec = tuple(sharding.spec)
-        return NamedSharding(mesh, _split(tuple(shape.shape), spec, axes, mesh))
+        return NamedSharding(mesh, _split(tuple(shape.shape), spec, axes, mesh, block))
 
-    return jax.tree.map(leaf, shapes, placed)
+    def node(shape: Any, sharding: Any) -> Any:
+        # Block-wise codes and their per-block scales (one per block of the
+        # last axis, the other axes those of the codes) are split alike, so
+        # that each device holds the scales of its own blocks.
+        block = getattr(shape, "block_size", None)
+        if block is None:
+            return jax.tree.map(leaf, shape, sharding)
+        codes = leaf(shape.codes, sharding.codes, block)
+        return dataclasses.replace(sharding, codes=codes, scale=codes)
+
+    def is_moment(x: Any) -> bool:
+        return getattr(x, "__adamax_moment__", False)
+
+    return jax.tree.map(node, shapes, placed, is_leaf=is_moment)

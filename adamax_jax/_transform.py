@@ -84,6 +84,7 @@ def scale_by_adamax(
     complex_mode: ComplexMode = "modulus",
     mu_dtype: jax.typing.DTypeLike | None = None,
     nu_dtype: jax.typing.DTypeLike | None = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales updates by the AdaMax rule: ``m̂_t / (u_t + ε)``.
 
@@ -120,6 +121,29 @@ def scale_by_adamax(
     through an update passes the derivative of the unrounded moments (the
     straight-through rule).
 
+    8-bit storage (``jnp.int8`` for either moment, ``jnp.uint8`` for ν only,
+    ``jnp.float8_e4m3fn``, ``jnp.float8_e5m2``) is block-wise, as in
+    bitsandbytes' 8-bit optimizers (Dettmers et al., 2022): the last axis is
+    cut into blocks of `block_size` values and each block has one float32
+    scale, so that the state is sharded like its parameter. float8 codes are
+    float8's own values; int8 and uint8 codes follow a logarithmic map
+    (int8: codes ``2^(1/5)`` apart, spanning ``2^25`` below the block's
+    largest value; uint8, for ν: ``2^(1/14)`` apart, spanning ``2^18``), so
+    that values far below the largest in their block keep a relative
+    precision that a linear map loses. Scales move by
+    powers of two, which these maps represent exactly. ν's scale decays by β₂
+    each step: a code carried over reads back exactly decayed, and changes only
+    when a gradient exceeds it; the scale grows by a power of two when one
+    does not fit. ν rounds up, so that it never reads back below ``|g|`` (+ ε
+    inside the max) nor below the decayed value it holds, and the step bound
+    ``α (1 - β₁) / (1 - β₁/β₂)`` holds as with 32-bit state. μ takes the least
+    power-of-two scale that holds its block, rounds to nearest, and moves one
+    code towards its value where rounding would leave it stalled. A value
+    below the map's range rounds to 0 (μ) or to the smallest code (ν). Leaves
+    of fewer than 4096 values keep 8-bit moments as plain float32 arrays
+    (bitsandbytes' threshold). Storage for complex parameters is refused. See
+    ``docs/low_precision_8bit.md`` for the measurements.
+
     Args:
         b1: Decay of the first moment, in [0, 1).
         b2: Decay of the infinity norm, in [0, 1].
@@ -131,15 +155,23 @@ def scale_by_adamax(
             modulus, and stores ν in the real dtype; "split" tracks the real
             and imaginary parts as two independent real parameters.
         mu_dtype: Storage dtype of ``mu``; defaults to the parameter's dtype.
+            Floating, or 8-bit: ``jnp.int8``, ``jnp.float8_e4m3fn``,
+            ``jnp.float8_e5m2``.
         nu_dtype: Storage dtype of ``nu``; defaults to the parameter's dtype.
+            Floating, or 8-bit: those of `mu_dtype` and ``jnp.uint8``.
+        block_size: Values per block of 8-bit storage, along the last axis
+            (None: 256). Under ``optax.inject_hyperparams`` pass it in
+            ``static_args``.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``. Its ``init`` takes
         arrays or ``jax.ShapeDtypeStruct`` leaves.
 
     Raises:
-        ValueError: For a hyperparameter out of range, or (in ``update``) a
-            state whose structure, shapes or layout does not fit.
+        ValueError: For a hyperparameter out of range, uint8 μ, a
+            `block_size` that is not a positive integer, 8-bit storage for
+            complex parameters (in ``init``), or (in ``update``) a state whose
+            structure, shapes or layout does not fit.
         TypeError: For a parameter or gradient leaf that is not a number.
     """
     return _scale_by_adamax(
@@ -151,6 +183,7 @@ def scale_by_adamax(
         complex_mode=complex_mode,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        block_size=block_size,
         float32_updates=False,
     )
 
@@ -192,6 +225,7 @@ def _scale_by_adamax(
     complex_mode: ComplexMode,
     mu_dtype: Any,
     nu_dtype: Any,
+    block_size: Any,
     float32_updates: bool,
 ) -> optax.GradientTransformationExtraArgs:
     """:func:`scale_by_adamax`; with `float32_updates`, updates stay in the compute dtype.
@@ -202,8 +236,12 @@ def _scale_by_adamax(
     b1, b2, eps = _check_hyperparameters(b1, b2, eps, eps_mode)
     _validation.check_bool("nesterov", nesterov)
     _validation.check_choice("complex_mode", complex_mode, COMPLEX_MODES)
-    _validation.check_dtype("mu_dtype", mu_dtype)
-    _validation.check_dtype("nu_dtype", nu_dtype)
+    _validation.check_moment_dtype("mu_dtype", mu_dtype)
+    _validation.check_moment_dtype("nu_dtype", nu_dtype)
+    _validation.check_eight_bit("mu_dtype", mu_dtype, "nu_dtype", nu_dtype, block_size)
+    # None, not 256, as the default: optax.inject_hyperparams would make a
+    # number a traced hyperparameter, and the block size shapes the state.
+    block_size = _codecs.DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
     guard = _guard_zero_denominator(eps, eps_mode)
 
     def init_fn(params: optax.Params) -> ScaleByAdamaxState:
@@ -217,10 +255,13 @@ def _scale_by_adamax(
                 dtype, jnp.complexfloating
             ):
                 dtype = jnp.dtype(jnp.complex128 if dtype.itemsize > 4 else jnp.complex64)
-            return _codecs.init_moment(p, dtype, "mu")
+            return _codecs.init_moment(p, dtype, "mu", block_size)
 
         def nu_leaf(p):
-            return _codecs.init_moment(p, nu_storage_dtype(p.dtype, nu_dtype, complex_mode), "nu")
+            dtype = nu_storage_dtype(p.dtype, nu_dtype, complex_mode)
+            return _codecs.init_moment(p, dtype, "nu", block_size)
+
+        _validation.check_eight_bit_params(params, mu_dtype, nu_dtype)
 
         return ScaleByAdamaxState(
             count=jnp.zeros([], jnp.int32),
@@ -561,6 +602,7 @@ def _chain(
     mu_dtype: Any,
     nu_dtype: Any,
     compensated: bool,
+    block_size: Any = None,
     weight_decay: Any = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -582,6 +624,7 @@ def _chain(
             complex_mode=complex_mode,
             mu_dtype=mu_dtype,
             nu_dtype=nu_dtype,
+            block_size=block_size,
             float32_updates=True,
         )
     ]
@@ -629,6 +672,7 @@ def adamax(
     complex_mode: ComplexMode = "modulus",
     mu_dtype: jax.typing.DTypeLike | None = None,
     nu_dtype: jax.typing.DTypeLike | None = None,
+    block_size: int | None = None,
     compensated: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The AdaMax optimizer (Kingma & Ba, 2014, Algorithm 2).
@@ -666,6 +710,8 @@ def adamax(
         nu_dtype: Storage dtype of the infinity norm; defaults to the
             parameter's. Below 32 bits it is stored scaled so that it still
             decays, see :func:`scale_by_adamax`.
+        block_size: Values per block of 8-bit storage (None: 256), see
+            :func:`scale_by_adamax`.
         compensated: Add :func:`compensate_rounding` at the end, so that
             bfloat16 or float16 parameters keep updates smaller than their
             rounding step.
@@ -700,6 +746,7 @@ def adamax(
         complex_mode=complex_mode,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        block_size=block_size,
         compensated=compensated,
     )
 
@@ -716,6 +763,7 @@ def adamaxw(
     complex_mode: ComplexMode = "modulus",
     mu_dtype: jax.typing.DTypeLike | None = None,
     nu_dtype: jax.typing.DTypeLike | None = None,
+    block_size: int | None = None,
     compensated: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaMax with decoupled weight decay, scaled by the learning rate.
@@ -740,6 +788,8 @@ def adamaxw(
         complex_mode: "modulus" or "split", see :func:`scale_by_adamax`.
         mu_dtype: Storage dtype of the first moment.
         nu_dtype: Storage dtype of the infinity norm.
+        block_size: Values per block of 8-bit storage (None: 256), see
+            :func:`scale_by_adamax`.
         compensated: Add :func:`compensate_rounding` at the end.
 
     Returns:
@@ -771,6 +821,7 @@ def adamaxw(
         complex_mode=complex_mode,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        block_size=block_size,
         compensated=compensated,
         weight_decay=weight_decay,
         mask=mask,
@@ -787,6 +838,7 @@ def nadamax(
     complex_mode: ComplexMode = "modulus",
     mu_dtype: jax.typing.DTypeLike | None = None,
     nu_dtype: jax.typing.DTypeLike | None = None,
+    block_size: int | None = None,
     compensated: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NadaMax: AdaMax with Nesterov momentum (Dozat, 2016).
@@ -812,6 +864,8 @@ def nadamax(
         complex_mode: "modulus" or "split", see :func:`scale_by_adamax`.
         mu_dtype: Storage dtype of the first moment.
         nu_dtype: Storage dtype of the infinity norm.
+        block_size: Values per block of 8-bit storage (None: 256), see
+            :func:`scale_by_adamax`.
         compensated: Add :func:`compensate_rounding` at the end.
 
     Returns:
@@ -843,6 +897,7 @@ def nadamax(
         complex_mode=complex_mode,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        block_size=block_size,
         compensated=compensated,
     )
 

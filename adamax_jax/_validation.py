@@ -26,7 +26,8 @@ from adamax_jax._tree import is_leaf
 INT32_MAX = int(np.iinfo(np.int32).max)
 
 # The storage dtypes of the moments. Complex ones only for complex parameters
-# (see `check_storage_dtype`); 8-bit ones are refused with their own message.
+# (see `check_storage_dtype`); 8-bit ones (block-wise) are checked by
+# `check_moment_dtype` and `check_eight_bit`.
 STORAGE_DTYPES: tuple[jnp.dtype, ...] = tuple(
     jnp.dtype(d)
     for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64, jnp.complex64, jnp.complex128)
@@ -342,6 +343,91 @@ def check_storage_dtypes(params: Any, **dtypes: Any) -> None:
                         + ")."
                     )
                 check_storage_dtype(name, dtype, _dtype(leaf), path)
+
+
+def check_moment_dtype(name: str, value: Any) -> None:
+    """A moment's storage dtype: one of :func:`check_dtype`'s, or an 8-bit block-wise one.
+
+    Raises:
+        ValueError: For a one-byte dtype other than int8, uint8, float8_e4m3fn
+            and float8_e5m2, and as :func:`check_dtype` for the others.
+    """
+    if value is not None:
+        try:
+            dtype = jnp.dtype(value)
+        except TypeError:
+            dtype = None
+        if dtype is not None and dtype in _EIGHT_BIT:
+            return
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
+            raise ValueError(
+                f"`{name}` got {value!r} ({dtype}); 8-bit storage is jnp.int8, jnp.uint8 "
+                "(ν only), jnp.float8_e4m3fn or jnp.float8_e5m2."
+            )
+    check_dtype(name, value)
+
+
+_EIGHT_BIT_INTEGERS = (np.dtype(np.int8), np.dtype(np.uint8))
+_EIGHT_BIT = (*_EIGHT_BIT_INTEGERS, jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+def _is_eight_bit(value: Any) -> bool:
+    return value is not None and jnp.dtype(value) in _EIGHT_BIT
+
+
+def check_eight_bit(
+    mu_name: str, mu_dtype: Any, nu_name: str, nu_dtype: Any, block_size: Any
+) -> None:
+    """Checks the 8-bit storage options: dtypes that block-wise storage supports, `block_size`.
+
+    Raises:
+        ValueError: For uint8 μ (μ has a sign), another 8-bit dtype than int8,
+            uint8, float8_e4m3fn and float8_e5m2, or a `block_size` that is
+            not a positive integer.
+    """
+    if block_size is None:
+        return _check_eight_bit_dtypes(mu_name, mu_dtype, nu_name, nu_dtype)
+    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, numbers.Integral):
+        raise ValueError(f"`block_size` must be a positive integer, got {block_size!r}.")
+    if block_size < 1:
+        raise ValueError(f"`block_size` must be a positive integer, got {block_size!r}.")
+    _check_eight_bit_dtypes(mu_name, mu_dtype, nu_name, nu_dtype)
+
+
+def _check_eight_bit_dtypes(mu_name: str, mu_dtype: Any, nu_name: str, nu_dtype: Any) -> None:
+    if mu_dtype is not None and jnp.dtype(mu_dtype) == jnp.uint8:
+        raise ValueError(
+            f"`{mu_name}` cannot be uint8 (got {mu_dtype!r}): the first moment has a sign. "
+            "Use jnp.int8 (or a "
+            f"float8 dtype) for it; uint8 is for `{nu_name}`, which is never negative."
+        )
+    for name, value in ((mu_name, mu_dtype), (nu_name, nu_dtype)):
+        if value is None:
+            continue
+        dtype = jnp.dtype(value)
+        if dtype.itemsize == 1 and dtype not in _EIGHT_BIT:
+            raise ValueError(
+                f"`{name}` got {value!r} ({dtype}); 8-bit storage is jnp.int8, jnp.uint8 "
+                "(ν only), jnp.float8_e4m3fn or jnp.float8_e5m2."
+            )
+
+
+def check_eight_bit_params(params: Any, mu_dtype: Any, nu_dtype: Any) -> None:
+    """Raises ValueError naming complex leaves when a moment is stored in 8 bits."""
+    names = [n for n, v in (("mu_dtype", mu_dtype), ("nu_dtype", nu_dtype)) if _is_eight_bit(v)]
+    if not names:
+        return
+    bad = [
+        path or "<root>"
+        for path, leaf in _paths(params).items()
+        if leaf is not None and jnp.issubdtype(_dtype(leaf), jnp.complexfloating)
+    ]
+    if bad:
+        raise ValueError(
+            f"8-bit storage ({', '.join(f'`{n}`' for n in names)}) is for real parameters; "
+            f"these leaves are complex: {', '.join(bad)}. Store their moments in a floating "
+            "dtype (an `optax.multi_transform` can give them their own optimizer)."
+        )
 
 
 def _is_none(x: Any) -> bool:

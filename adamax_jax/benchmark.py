@@ -13,7 +13,8 @@ counts seven streams of the nine moved.
 
 For each parameter tree, in one process and on the same data, it times the
 jitted, donated step (``update`` then ``optax.apply_updates``) of
-``adamax_jax.adamax`` with float32 and with bfloat16 state and of
+``adamax_jax.adamax`` with float32, bfloat16 and 8-bit (int8 μ, uint8 ν,
+block-wise) state and of
 ``optax.adamax``, and, when PyTorch is installed and the JAX backend is the
 CPU, one ``torch.optim.Adamax.step`` with ``foreach=True`` and with
 ``foreach=False``, PyTorch given as many threads as JAX's CPU client uses.
@@ -58,6 +59,7 @@ SEED = 0
 FLOOR = "floor (7 streams)"
 OURS = "adamax_jax"
 OURS_BF16 = "adamax_jax, bf16 state"
+OURS_INT8 = "adamax_jax, int8/uint8 state"
 OPTAX = "optax.adamax"
 TORCH_FOREACH = "torch Adamax foreach=True"
 TORCH_LOOP = "torch Adamax foreach=False"
@@ -372,7 +374,7 @@ def torch_runner(
     return Runner(name, opt.step, host, state_bytes, bytes_per_step)
 
 
-def _ours(state_dtype: Any) -> optax.GradientTransformation:
+def _ours(state_dtype: Any, nu_dtype: Any = None) -> optax.GradientTransformation:
     from adamax_jax import adamax
 
     return adamax(
@@ -382,7 +384,7 @@ def _ours(state_dtype: Any) -> optax.GradientTransformation:
         EPS,
         eps_mode="inside_max",
         mu_dtype=state_dtype,
-        nu_dtype=state_dtype,
+        nu_dtype=state_dtype if nu_dtype is None else nu_dtype,
     )
 
 
@@ -435,6 +437,10 @@ def run_tree(
         (FLOOR, lambda: floor_runner(params_np, grads, reps)),
         (OURS, lambda: optax_runner(OURS, _ours(None), params_np, grads, reps)),
         (OURS_BF16, lambda: optax_runner(OURS_BF16, _ours(jnp.bfloat16), params_np, grads, reps)),
+        (
+            OURS_INT8,
+            lambda: optax_runner(OURS_INT8, _ours(jnp.int8, jnp.uint8), params_np, grads, reps),
+        ),
         (
             OPTAX,
             lambda: optax_runner(
@@ -604,11 +610,25 @@ def targets(trees: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         check(f"one-leaf: state of {OURS} / params", round(ours["state_x_params"], 4), "<=", 2.0)
         bf16_state = round(_row(leaf, OURS_BF16)["state_x_params"], 4)
         check(f"one-leaf: state of {OURS_BF16} / params", bf16_state, "<=", 1.0)
+        int8_bytes = _row(leaf, OURS_INT8)["state_bytes_per_param"]
+        check(f"one-leaf: state bytes per parameter of {OURS_INT8}", int8_bytes, "<=", 2.05)
+    # Fewer bytes should make a faster step: low-precision state against float32 state.
+    for key in ("one-leaf", "transformer"):
+        tree = by_key.get(key)
+        if tree is None:
+            continue
+        f32_s = _row(tree, OURS)["median_s"]
+        for name, limit in ((OURS_BF16, 1.0), (OURS_INT8, 1.3)):
+            ratio = _row(tree, name)["median_s"] / f32_s
+            check(f"{key}: step time of {name} / {OURS}", ratio, "<=", limit)
     many = by_key.get("many-leaves")
     if many is not None:
         ratio = _row(many, OURS)["compile_s"] / _row(many, OPTAX)["compile_s"]
         check(f"many-leaves: compile time of {OURS} / {OPTAX}", ratio, "<=", 1.0)
         check(f"many-leaves: compile time of {OURS} / {OPTAX}, stretch", ratio, "<=", 0.5)
+        for name in (OURS_BF16, OURS_INT8):
+            ratio = _row(many, name)["compile_s"] / _row(many, OURS)["compile_s"]
+            check(f"many-leaves: compile time of {name} / {OURS}", ratio, "<=", 1.5)
     return checks
 
 

@@ -120,6 +120,7 @@ class Config:
 def configs() -> list[Config]:
     """The rows of the report, in its order."""
     bf16, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
+    e4m3, e5m2 = jnp.float8_e4m3fn, jnp.float8_e5m2
     return [
         Config("f32 params, f32 state", f32, _ours),
         Config(
@@ -144,6 +145,36 @@ def configs() -> list[Config]:
             bf16,
             lambda: optax.adamax(LEARNING_RATE, B1, B2, EPS),
             reference=lambda: optax.adamax(LEARNING_RATE, B1, B2, EPS),
+        ),
+        Config(
+            "f32 params, int8 mu, uint8 nu",
+            f32,
+            lambda: ax.adamax(LEARNING_RATE, B1, B2, EPS, mu_dtype=jnp.int8, nu_dtype=jnp.uint8),
+        ),
+        Config(
+            "f32 params, int8 mu and nu",
+            f32,
+            lambda: ax.adamax(LEARNING_RATE, B1, B2, EPS, mu_dtype=jnp.int8, nu_dtype=jnp.int8),
+        ),
+        Config(
+            "f32 params, float8_e4m3fn mu and nu",
+            f32,
+            lambda: ax.adamax(LEARNING_RATE, B1, B2, EPS, mu_dtype=e4m3, nu_dtype=e4m3),
+        ),
+        Config(
+            "f32 params, float8_e5m2 mu and nu",
+            f32,
+            lambda: ax.adamax(LEARNING_RATE, B1, B2, EPS, mu_dtype=e5m2, nu_dtype=e5m2),
+        ),
+        Config(
+            "f32 params, bf16 mu, uint8 nu",
+            f32,
+            lambda: ax.adamax(LEARNING_RATE, B1, B2, EPS, mu_dtype=bf16, nu_dtype=jnp.uint8),
+        ),
+        Config(
+            "f32 params, int8 mu, bf16 nu",
+            f32,
+            lambda: ax.adamax(LEARNING_RATE, B1, B2, EPS, mu_dtype=jnp.int8, nu_dtype=bf16),
         ),
         Config(
             "ablation: f32 params, bf16 mu and nu by stochastic rounding, unscaled",
@@ -297,11 +328,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--only", default=None, help="Run only the rows whose name contains this text."
+    )
     args = parser.parse_args(argv)
     cache: dict = {}
     rows = [
         (c.name, {s: measure(c, s, args.steps, args.size, args.seed, cache) for s in SCENARIOS})
         for c in configs()
+        if args.only is None or args.only in c.name
     ]
     print(
         f"{args.steps} steps, {args.size} parameters, seed {args.seed}; "

@@ -36,6 +36,8 @@ LAYOUT = {
     "e": ((4, 6), P(None, "data")),
     "c": ((3,), P()),
     "s": ((), P()),
+    # Large enough for block-wise 8-bit state: a block of 256 on each device.
+    "k": ((8, 1024), P("data", "model")),
 }
 
 # ZeRO-1 layouts: (mesh shape, axis names, parameters). On "1d" the parameters
@@ -65,6 +67,19 @@ ZERO1_LAYOUTS = {
             "s": ((), P()),
         },
     ),
+    # Leaves stored block-wise in 8 bits: "k" splits along its last axis in
+    # whole blocks; "v" cannot (1000 / 8 is no multiple of 256) and splits
+    # along its first.
+    "1d-blocks": (
+        (8,),
+        ("data",),
+        {
+            "k": ((16, 2048), P()),
+            "v": ((64, 1000), P()),
+            "w": ((16, 8), P()),
+            "s": ((), P()),
+        },
+    ),
 }
 
 
@@ -89,6 +104,10 @@ def optimizers():
             jnp.bfloat16,
         ),
         "scale_by_adamax-complex": (lambda: ax.scale_by_adamax(), jnp.complex64),
+        "adamax-int8-state": (
+            lambda: ax.adamax(LEARNING_RATE, mu_dtype=jnp.int8, nu_dtype=jnp.uint8),
+            jnp.float32,
+        ),
     }
 
 
@@ -100,6 +119,8 @@ ZERO1_CASES = [
     ("auto", "2d", "adamax-compensated-bf16"),
     ("explicit", "1d", "adamax"),
     ("explicit", "2d", "adamax-compensated-bf16"),
+    ("auto", "1d-blocks", "adamax-int8-state"),
+    ("explicit", "1d-blocks", "adamax-int8-state"),
 ]
 
 
@@ -143,14 +164,39 @@ def _codes(tree):
     return jax.tree.map(lambda x: x.codes if _is_moment(x) else x, tree, is_leaf=_is_moment)
 
 
+def block_scales(state, shardings=None):
+    """For each block-wise moment: whether its scales are split like its codes.
+
+    Reads the shardings of the arrays of `state`, or those of `shardings` (a
+    tree of shardings with the structure of `state`).
+    """
+    node = next(n for n in _nodes(state) if isinstance(n, ax.ScaleByAdamaxState))
+    where = node
+    if shardings is not None:
+        where = next(n for n in _nodes(shardings) if isinstance(n, ax.ScaleByAdamaxState))
+    out = {}
+    for name in ("mu", "nu"):
+        leaves = jax.tree_util.tree_flatten_with_path(getattr(node, name), is_leaf=_is_moment)[0]
+        placed = jax.tree.leaves(getattr(where, name), is_leaf=_is_moment)
+        for (path, x), sh in zip(leaves, placed, strict=True):
+            if _is_moment(x) and x.block_size is not None:
+                codes = sh.codes if shardings is not None else sh.codes.sharding
+                scale = sh.scale if shardings is not None else sh.scale.sharding
+                out[f"{name}{jax.tree_util.keystr(path)}"] = spec_entries(
+                    codes.spec
+                ) == spec_entries(scale.spec) and equivalent(codes, scale, x.codes.ndim)
+    return out
+
+
 def scalars(state):
-    """The scalars of the AdaMax state: the count, and the scale of every encoded moment."""
+    """The scalars of the AdaMax state: the count, and the scale of every scaled moment."""
     node = next(n for n in _nodes(state) if isinstance(n, ax.ScaleByAdamaxState))
     out = {"count": node.count}
     for name, tree in (("mu", node.mu), ("nu", node.nu)):
         leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_moment)[0]
         for path, x in leaves:
-            if _is_moment(x):
+            # Block-wise scales are arrays, split like their codes (block_scales).
+            if _is_moment(x) and x.block_size is None:
                 out[f"{name}{jax.tree_util.keystr(path)}.scale"] = x.scale
     return out
 
@@ -241,6 +287,7 @@ def check_follow(mode, name, results, arrays):
         new_params, new_state = run_steps(opt, params, state, grads, jitted)
     results[f"follow/{mode}/{name}"] = {
         "leaves": leaves,
+        "block_scales": block_scales(state),
         "scalars_replicated": {
             k: v.sharding.is_fully_replicated for k, v in scalars(state).items()
         },
@@ -320,6 +367,8 @@ def check_zero1(mode, layout, name, results, arrays):
     whole = [(t, k) for t, k in paths if (t, k) not in split]
     results[f"zero1/{mode}/{layout}/{name}"] = {
         "specs": {f"{t}['{k}']": spec_entries(sh_trees[t][k].spec) for t, k in paths},
+        "block_scales": block_scales(state, state_sh),
+        "block_scales_placed": block_scales(state),
         "abstract_same": jax.tree.structure(state_sh) == jax.tree.structure(state_sh_abstract)
         and all(jax.tree.leaves(jax.tree.map(lambda a, b: a == b, state_sh, state_sh_abstract))),
         "state_placed_as_asked": all(

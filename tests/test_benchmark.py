@@ -17,7 +17,13 @@ from tests.reference import adamax_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 TREES = ["one-leaf", "many-leaves", "transformer", "small-tree"]
-JAX_ROWS = [benchmark.FLOOR, benchmark.OURS, benchmark.OURS_BF16, benchmark.OPTAX]
+JAX_ROWS = [
+    benchmark.FLOOR,
+    benchmark.OURS,
+    benchmark.OURS_BF16,
+    benchmark.OURS_INT8,
+    benchmark.OPTAX,
+]
 TORCH_ROWS = [benchmark.TORCH_FOREACH, benchmark.TORCH_LOOP]
 F32_ROWS = [benchmark.FLOOR, benchmark.OURS, benchmark.OPTAX, *TORCH_ROWS]
 
@@ -136,6 +142,14 @@ def test_state_bytes_per_parameter(quick):
         assert rows[benchmark.OURS]["state_x_params"] == pytest.approx(2.0, abs=1e-4)
         expected = (4 * n + 4 + 4 * tree["n_leaves"]) / (4 * n)
         assert rows[benchmark.OURS_BF16]["state_x_params"] == pytest.approx(expected, abs=1e-4)
+        # Leaves of 4096 values or more: int8 μ and uint8 ν, and a float32
+        # scale per block of 256 along the last axis for each; the others in float32.
+        int8 = 4
+        for shape in tree["leaf_shapes"]:
+            size = math.prod(shape)
+            blocks = math.prod(shape[:-1]) * math.ceil(shape[-1] / 256) if shape else 0
+            int8 += 2 * size + 2 * 4 * blocks if size >= 4096 else 8 * size
+        assert rows[benchmark.OURS_INT8]["state_bytes"] == int8
         for name in TORCH_ROWS:
             if name in rows:
                 # Two moments and one step tensor per parameter tensor.

@@ -23,6 +23,12 @@ def _float32_params():
     return {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros(4)}
 
 
+def _eight_bit_params():
+    # One leaf large enough for block-wise 8-bit state (3 blocks of 256 along
+    # its last axis, the last one partial), one kept in float32.
+    return {"w": jnp.linspace(-1.0, 1.0, 8 * 600).reshape(8, 600), "b": jnp.zeros(4)}
+
+
 def _loss(params):
     leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(params)]
     return sum(jnp.sum(jnp.sin(3 * x) + x**2) for x in leaves)
@@ -48,6 +54,14 @@ CONFIGS = {
     "apply-if-finite": (
         lambda: optax.apply_if_finite(ax.adamax(0.01), max_consecutive_errors=2),
         _params,
+    ),
+    "int8-state": (
+        lambda: ax.adamax(0.01, mu_dtype=jnp.int8, nu_dtype=jnp.uint8),
+        _eight_bit_params,
+    ),
+    "float8-state": (
+        lambda: ax.nadamax(0.01, mu_dtype=jnp.float8_e4m3fn, nu_dtype=jnp.float8_e5m2),
+        _eight_bit_params,
     ),
 }
 
@@ -129,9 +143,17 @@ def test_orbax_round_trip(name, tmp_path):
         assert not encoded
     if name == "bf16-nu":
         assert encoded
+    if name.endswith("8-state"):
+        # mu['w'] and nu['w'] block-wise, with their codec and block size.
+        assert [(x.codec, x.block_size, x.scale.shape) for x in encoded] == [
+            ("blockwise", 256, (8, 3))
+        ] * 2
 
 
-@pytest.mark.parametrize("name", ["adamax-f32", "bf16-nu", "compensated", "apply-if-finite"])
+@pytest.mark.parametrize(
+    "name",
+    ["adamax-f32", "bf16-nu", "compensated", "apply-if-finite", "int8-state", "float8-state"],
+)
 @pytest.mark.parametrize("k", [1, 5])
 def test_resume_is_bit_identical(name, k, tmp_path):
     steps = 8

@@ -69,8 +69,9 @@ BAD = {
     "weight_decay": [math.nan, -math.inf, -1e39],
     "eps_mode": ["max", None],
     "complex_mode": ["polar"],
-    "mu_dtype": ["int32", "x", "float8_e4m3fn", "float8_e5m2"],
-    "nu_dtype": ["bool", "y", "float8_e4m3fn", "float8_e5m2"],
+    # float8_e4m3fn, float8_e5m2, int8 (and uint8 for ν) are 8-bit block-wise storage.
+    "mu_dtype": ["int32", "x", "float8_e4m3fnuz", "uint8"],
+    "nu_dtype": ["bool", "y", "float8_e4m3fnuz", "int16"],
 }
 NUMERIC = ("learning_rate", "b1", "b2", "eps", "weight_decay")
 # Forms that hold a Python float exactly, as the plain float does.

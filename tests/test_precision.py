@@ -774,3 +774,41 @@ def test_16_bit_nu_keeps_every_step_within_the_learning_rate(nu_dtype, b2, eps_m
     # Where ν decays at most by half per step, u is |g| for many entries: the bound is reached.
     if b2 >= 0.5:
         assert np.mean(steps_taken > 0.999 * lr) > 0.01
+
+
+# --- 8-bit state over 10,000 steps ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["steady", "noisy"])
+def test_int8_uint8_state_tracks_float32_over_10000_steps(scenario):
+    """The best 8-bit state (int8 μ, uint8 ν): u never below float32's, drift within its codes.
+
+    Leaves of 4096 values are the smallest stored block-wise. ν rounds up, by
+    less than one uint8 code (2^(1/14), 5.1 %) where its value is within the
+    map's range (above its smallest code); the displacement takes ν's rounding
+    and at most half an int8 code (2^(1/5), 14.9 %) of μ's.
+    """
+    from adamax_jax._codecs import code_step
+
+    size, steps = 4096, 10_000
+    grad_at = _burst_then_small(scenario, size=size)
+    params = jnp.zeros(size, F32)
+    opt = ax.adamax(mu_dtype=jnp.int8, nu_dtype=jnp.uint8)
+    p, s = _train(opt, params, lambda t, p: grad_at(t), steps)
+    assert isinstance(s[0].nu, ax.EncodedMoment) and isinstance(s[0].mu, ax.EncodedMoment)
+    ref_p, ref_s = _train(ax.adamax(), params, lambda t, p: grad_at(t), steps)
+    u = np.asarray(ax.infinity_norm(s[0]), np.float64)
+    ref_u = np.asarray(ax.infinity_norm(ref_s[0]), np.float64)
+    nu_step, mu_step = code_step(jnp.uint8) - 1, code_step(jnp.int8) - 1
+    ratio = u / ref_u
+    assert ratio.min() >= 1 - 1e-5, "u read back below the float32 run's"
+    # Within the map's range: above its smallest code, to which values below
+    # the range are rounded up.
+    in_range = np.asarray(s[0].nu.codes) > 1
+    assert in_range.mean() > 0.9
+    assert ratio[in_range].max() <= 1 + nu_step + 1e-5, ratio.max()
+    assert np.median(ratio - 1) <= nu_step
+    disp = np.abs(np.asarray(p, np.float64) - np.asarray(ref_p, np.float64))
+    disp = disp / np.abs(np.asarray(ref_p, np.float64))
+    assert disp.max() <= nu_step + mu_step / 2, f"displacement drifts by {disp.max():.3%}"
+    assert np.median(disp) <= nu_step, f"median displacement drift {np.median(disp):.3%}"

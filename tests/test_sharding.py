@@ -345,7 +345,34 @@ ZERO1_SPECS = {
         "c": [],
         "s": [],
     },
+    # "k" in whole blocks of 256 along its last axis; "v" (1000 / 8 is no
+    # multiple of 256) along its first; "w" is small and stays float32.
+    "1d-blocks": {"k": [None, "data"], "v": ["data"], "w": ["data"], "s": []},
 }
+
+
+def test_8_bit_configurations_are_checked():
+    names = {name for _, name in _sharding_worker.FOLLOW_CASES}
+    assert "adamax-int8-state" in names
+    assert any(layout == "1d-blocks" for _, layout, _ in _sharding_worker.ZERO1_CASES)
+
+
+@pytest.mark.parametrize("mode, name", _sharding_worker.FOLLOW_CASES)
+def test_jit_init_shards_block_scales_like_codes(sharded, mode, name):
+    record = sharded[0][f"follow/{mode}/{name}"]
+    if "int8" in name:
+        # mu['k'] and nu['k']: the only leaf large enough for 8-bit blocks.
+        assert set(record["block_scales"]) == {"mu['k']", "nu['k']"}
+    assert all(record["block_scales"].values()), record["block_scales"]
+
+
+@pytest.mark.parametrize("mode, layout, name", _sharding_worker.ZERO1_CASES)
+def test_zero1_splits_block_scales_like_codes(sharded, mode, layout, name):
+    record = sharded[0][f"zero1/{mode}/{layout}/{name}"]
+    if layout == "1d-blocks":
+        assert set(record["block_scales"]) == {"mu['k']", "mu['v']", "nu['k']", "nu['v']"}
+    assert all(record["block_scales"].values()), record["block_scales"]
+    assert all(record["block_scales_placed"].values()), record["block_scales_placed"]
 
 
 @pytest.mark.parametrize("mode, layout, name", _sharding_worker.ZERO1_CASES)
