@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from adamax_jax._precision import below_32_bits, store_moment
+from adamax_jax._precision import below_32_bits, store_moment, uniform_hash
 from adamax_jax._sharding import zeros_like
 
 Role = Literal["mu", "nu"]
@@ -307,8 +307,9 @@ def encode(
 ) -> Any:
     """Stores `value` in the layout and dtype of `previous`.
 
-    μ below 32 bits is rounded by :func:`adamax_jax._precision.store_moment`
-    (to nearest, but never stalled). ν is rounded to nearest and then, where
+    μ below 32 bits is rounded stochastically, unbiased
+    (:func:`adamax_jax._precision.store_moment`; block-wise codes likewise).
+    ν is rounded to nearest and then, where
     the stored value would read back below `floor` (this step's ``|g|``, + ε
     where ε is inside the max), moved up one unit in the last place: a stored ν
     never comes back below the gradient it holds, so no later step exceeds the
@@ -322,14 +323,14 @@ def encode(
         role: "mu" or "nu".
         scale: :func:`next_scale` of `previous`.
         floor: The least value a stored ν may read back as.
-        salt: Differs from step to step (the count), for μ's rounding draw.
+        salt: uint32 bits for μ's rounding draw (:func:`adamax_jax._precision.seed`).
 
     Returns:
         The stored moment, in the layout of `previous`.
     """
     if is_encoded(previous) and previous.codec == BLOCKWISE:
         assert scale is not None
-        return _encode_blockwise(value, previous, role, scale, floor)
+        return _encode_blockwise(value, previous, role, scale, floor, salt)
     plain = previous.codes if is_encoded(previous) else previous
     dtype = plain.dtype
     if is_encoded(previous):
@@ -593,12 +594,16 @@ def _encode_blockwise(
     role: Role,
     base: jax.Array,
     floor: jax.Array | None,
+    salt: jax.typing.ArrayLike = 0,
 ) -> "EncodedMoment":
     """Stores `value` block-wise in the codes dtype of `previous`.
 
     μ: each block's scale is the least power of two that holds its largest
-    value; codes round to nearest, and a code that would stay put although the
-    value moved moves one code towards it (never away from zero).
+    value; codes round stochastically to one of the two codes around the
+    value, with the probabilities that make the stored value right on average
+    (as 16-bit μ does, see :func:`adamax_jax._precision.store_moment`): a code
+    rounded to nearest stalls short of a steady gradient, and one moved a whole
+    code whenever it would stall runs ahead of it.
 
     ν: `base` is the previous scale times β₂, so that a code carried over reads
     back exactly decayed; it grows by the least power of two that holds the
@@ -613,7 +618,6 @@ def _encode_blockwise(
     n = previous.codes.shape[-1]
     cdt = jnp.dtype(value.dtype)
     top = _top_value(cmap, storage)
-    old_rank = _rank(_to_blocks(previous.codes, bs))
     vb = _to_blocks(value, bs)
     if role == "mu":
         peak = jnp.max(jnp.abs(vb), axis=-1).astype(jnp.float32)
@@ -624,21 +628,16 @@ def _encode_blockwise(
         inv = (1 / scale).astype(cdt)[..., None]
         x = vb * inv
         rank = _nearest_rank(x, storage)
-        old_values = _value_of_rank(old_rank, storage, cdt)
-        before = _times_scale(old_values, previous.scale.astype(cdt)[..., None]) * inv
-        if cmap.log_steps is None:
-            prev_rank = _nearest_rank(before, storage)
-        else:
-            # Both scales are powers of two: the old code in the new scale is
-            # a shift by whole octaves, exact, with no logarithm to take.
-            octaves = _split_mantissa(previous.scale)[1] - _split_mantissa(scale)[1]
-            k = jnp.abs(old_rank) + cmap.log_steps * octaves[..., None]
-            k = jnp.where(old_rank == 0, 0, jnp.clip(k, 0, cmap.top))
-            prev_rank = jnp.where(old_rank < 0, -k, k)
-        stalled = (rank == prev_rank) & (x != before) & (prev_rank != 0)
+        # The code on the other side of the value, taken with probability
+        # |x - nearest| / (the gap between the two): unbiased.
+        near = _value_of_rank(rank, storage, cdt)
         lowest = -cmap.top if cmap.signed else 0
-        moved = jnp.clip(prev_rank + jnp.where(x > before, 1, -1), lowest, cmap.top)
-        rank = jnp.where(stalled, moved, rank)
+        other = jnp.clip(rank + jnp.where(x > near, 1, -1), lowest, cmap.top)
+        gap = jnp.abs(_value_of_rank(other, storage, cdt) - near)
+        seed = jnp.broadcast_to(jnp.asarray(salt).astype(jnp.uint32), value.shape)
+        previous_bits = _rank(_to_blocks(previous.codes, bs)).astype(jnp.uint32)
+        draw = uniform_hash(previous_bits, _to_blocks(seed, bs)).astype(cdt)
+        rank = jnp.where(draw * gap < jnp.abs(x - near), other, rank)
     else:
         fb = vb if floor is None else _to_blocks(floor.astype(cdt), bs)
         base = base.astype(jnp.float32)

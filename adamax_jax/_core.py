@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from adamax_jax import _codecs
+from adamax_jax import _codecs, _precision
 
 EpsMode = Literal["denominator", "inside_max", "none"]
 ComplexMode = Literal["modulus", "split"]
@@ -190,7 +190,9 @@ def adamax_leaf(
         )
     else:
         v_new = jnp.maximum(mag, decay * _codecs.decode(v, mag.dtype))
-    m_stored = _codecs.encode(m_new, m, "mu", _codecs.next_scale(m, "mu", b2), salt=count)
+    m_stored = _codecs.encode(
+        m_new, m, "mu", _codecs.next_scale(m, "mu", b2), salt=_precision.seed(g, count)
+    )
     v_stored = _codecs.encode(
         v_new, v, "nu", _codecs.next_scale(v, "nu", b2), floor=None if split else mag
     )

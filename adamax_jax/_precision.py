@@ -18,7 +18,7 @@ def below_32_bits(dtype: jax.typing.DTypeLike) -> bool:
 
 
 def store_moment(
-    value: jax.Array, previous: jax.Array, salt: jax.typing.ArrayLike = 0
+    value: jax.Array, previous: jax.Array, seed: jax.typing.ArrayLike = 0
 ) -> jax.Array:
     """Rounds a new first moment to the storage dtype of `previous`.
 
@@ -35,7 +35,8 @@ def store_moment(
     probabilities that make its expected value the new value. The moment then
     follows the exact recursion on average, with a zero-mean noise of about
     ``ulp / sqrt(6 (1 - β₁²))`` (0.4 % in bfloat16 for β₁ = 0.9). The draw is
-    a hash of the two values and `salt` (the step count): deterministic, and
+    a hash of the previous value and `seed` (bits of the gradient and the step
+    count, see :func:`seed`): deterministic, the same eagerly and compiled, and
     fresh at every step. A store beyond the dtype's range saturates at its
     largest finite value. Stores of 32 bits or more round to nearest.
 
@@ -45,7 +46,8 @@ def store_moment(
     Args:
         value: The new moment, in the compute dtype (float32 or wider).
         previous: The stored moment of the last step.
-        salt: An integer that differs from step to step, such as the count.
+        seed: uint32 bits, per element or one for all, that differ from step to
+            step (:func:`seed`).
 
     Returns:
         The moment to store, in the dtype of `previous`.
@@ -56,7 +58,19 @@ def store_moment(
     """
     if not below_32_bits(previous.dtype):
         return value.astype(previous.dtype)
-    return _store_stochastic(value, previous, jnp.asarray(salt).astype(jnp.uint32))
+    return _store_stochastic(value, previous, jnp.asarray(seed).astype(jnp.uint32))
+
+
+def seed(gradient: jax.Array, count: jax.typing.ArrayLike) -> jax.Array:
+    """uint32 bits per element for the rounding draws of one step.
+
+    From the gradient's bits and the step count: inputs of the step, so that
+    an eager and a compiled step (whose float32 arithmetic may differ in the
+    last bit) draw the same, and nothing is carried in the state.
+    """
+    g = gradient.real if jnp.iscomplexobj(gradient) else gradient
+    bits = lax.bitcast_convert_type(g.astype(jnp.float32), jnp.uint32)
+    return bits ^ (jnp.asarray(count).astype(jnp.uint32) * jnp.uint32(0x9E3779B9))
 
 
 def _mix(h: jax.Array) -> jax.Array:
@@ -77,11 +91,9 @@ def _random_bits(x: jax.Array, y: jax.Array, salt: jax.Array) -> jax.Array:
     return _mix(x ^ ((y << 13) | (y >> 19)) ^ (salt * jnp.uint32(0x9E3779B9)))
 
 
-def uniform_hash(a: jax.Array, b: jax.Array, salt: jax.Array) -> jax.Array:
-    """A float32 in [0, 1) per element, from the bits of `a`, `b` and `salt`."""
-    x = lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
-    y = lax.bitcast_convert_type(b.astype(jnp.float32), jnp.uint32)
-    return (_random_bits(x, y, salt) >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+def uniform_hash(x: jax.Array, y: jax.Array) -> jax.Array:
+    """A float32 in [0, 1) per element, from the uint32 bits `x` and `y`."""
+    return (_random_bits(x, y, jnp.uint32(0)) >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
 @jax.custom_jvp
@@ -94,7 +106,7 @@ def _store_stochastic(value: jax.Array, previous: jax.Array, salt: jax.Array) ->
         # It reads the value once, so that XLA fuses the store with the moment's update.
         bits = lax.bitcast_convert_type(value.astype(jnp.float32), jnp.uint32)
         prev = lax.bitcast_convert_type(previous, jnp.uint16).astype(jnp.uint32)
-        noise = _random_bits(bits, prev, salt) >> 16
+        noise = _random_bits(prev, salt, jnp.uint32(0)) >> 16
         rounded = lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
         return jnp.clip(rounded, -jnp.float32(big), jnp.float32(big)).astype(dtype)
     nearest = value.astype(dtype)
@@ -103,7 +115,8 @@ def _store_stochastic(value: jax.Array, previous: jax.Array, salt: jax.Array) ->
     other = jnp.nextafter(nearest, jnp.where(value > here, jnp.inf, -jnp.inf).astype(dtype))
     gap = jnp.abs(other.astype(value.dtype) - here)
     # Taken with probability |value - nearest| / gap (at most 1/2): unbiased.
-    draw = uniform_hash(value, previous, salt).astype(value.dtype)
+    prev = lax.bitcast_convert_type(previous, jnp.uint16).astype(jnp.uint32)
+    draw = uniform_hash(prev, jnp.broadcast_to(salt, prev.shape)).astype(value.dtype)
     take = draw * gap < jnp.abs(value - here)
     return jnp.clip(jnp.where(take, other, nearest), -big, big)
 

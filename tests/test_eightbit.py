@@ -261,13 +261,18 @@ def test_mu_reaches_a_steady_gradient(mu_dtype):
         return jax.lax.scan(body, state, None, length=400)[1]
 
     mu = np.asarray(run(opt.init(target)), np.float64)
-    tail = mu[-100:]
-    # Every value ends within one code of the gradient, and on both sides of
-    # it (never stalled short of it), or on it.
+    tail = mu[-300:]
+    # Every value ends within two codes of the gradient (the noise of stochastic rounding
+    # is about a code at β₁ = 0.9 in int8). Rounded stochastically, each is right on
+    # average: over the last 300 steps the mean of a typical one is well within
+    # a quarter of a code of the gradient, and the values are short of it as often as
+    # past it (a store rounded to nearest stalls short, by up to (half a code)/(1 - β₁)).
     step = _step_ratio(mu_dtype)
     ratio = tail / np.asarray(target, np.float64)
-    assert ratio.min() >= 1 / step - 1e-6 and ratio.max() <= step + 1e-6
-    assert np.all((ratio.min(axis=0) <= 1) & (ratio.max(axis=0) >= 1))
+    assert ratio.min() >= 1 / step**2 - 1e-6 and ratio.max() <= step**2 + 1e-6
+    mean = ratio.mean(axis=0)
+    assert np.median(np.abs(mean - 1)) < (step - 1) / 4, np.median(np.abs(mean - 1))
+    assert abs(np.median(mean) - 1) < (step - 1) / 10, np.median(mean)
 
 
 # --- Aliases, jit/eager, closeness to float32 state ----------------------------------------------
