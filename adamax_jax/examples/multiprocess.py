@@ -228,7 +228,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     """Runs the example; see the module docstring."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--processes", type=int, default=2, help="local processes (default 2)")
