@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Sharding
 
+from adamax_jax import _codecs
 from adamax_jax._sharding import init_placement, params_mesh
 
 
@@ -161,6 +162,30 @@ def _differences(expected: Any, found: Any, name: str, compare: bool = True) -> 
     return lines
 
 
+def _metadata_differences(expected: Any, found: Any) -> list[str]:
+    """Where a live state's moments were written by another codec or block size.
+
+    A checkpoint's metadata holds arrays only; a state in memory also says, in
+    its pytree metadata, how its moments are laid out, and blocks of another
+    size would read every scale against the wrong values.
+    """
+
+    def moments(tree: Any) -> dict[str, Any]:
+        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_codecs.is_encoded)[0]
+        return {jax.tree_util.keystr(p): x for p, x in flat if _codecs.is_encoded(x)}
+
+    want, got = moments(expected), moments(found)
+    lines = []
+    for path, x in got.items():
+        y = want.get(path)
+        if y is not None and (x.codec, x.block_size) != (y.codec, y.block_size):
+            lines.append(
+                f"  {path}: written by codec {x.codec!r} in blocks of {x.block_size}, "
+                f"expected codec {y.codec!r} in blocks of {y.block_size}"
+            )
+    return lines
+
+
 def check_state(opt: optax.GradientTransformation, params: Any, state: Any) -> None:
     """Checks that `state` is a state of `opt` for `params`: the same arrays, dtypes and shapes.
 
@@ -204,5 +229,6 @@ def check_state(opt: optax.GradientTransformation, params: Any, state: Any) -> N
     """
     expected = abstract_state(opt, params, shardings=None)
     lines = _differences(expected, state, "`state`")
+    lines += _metadata_differences(expected, state)
     if lines:
         raise ValueError("`state` is not a state of `opt` for `params`:\n" + "\n".join(lines))

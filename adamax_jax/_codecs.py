@@ -36,6 +36,9 @@ EIGHT_BIT: tuple[jnp.dtype, ...] = tuple(
 # cost more than the bytes saved, and biases and norms are where precision
 # counts most.
 MIN_BLOCKWISE_SIZE = 4096
+# Nor is a leaf whose last axis holds fewer values than this (or than the block size, if
+# smaller) block-wise: a float32 scale for every few values would cost more than float32.
+MIN_BLOCK_VALUES = 32
 DEFAULT_BLOCK_SIZE = 256
 
 
@@ -121,11 +124,13 @@ def init_moment(
 
     8-bit storage is block-wise with `block_size` values a block along the
     last axis, except for leaves of fewer than :data:`MIN_BLOCKWISE_SIZE`
-    values, which are plain float32 arrays.
+    values, and leaves whose last axis is shorter than :data:`MIN_BLOCK_VALUES`
+    (or the block size, if smaller), which are plain float32 arrays.
     """
     dtype = jnp.dtype(storage_dtype)
     if dtype in EIGHT_BIT:
-        if int(np.prod(p.shape)) < MIN_BLOCKWISE_SIZE:
+        short = len(p.shape) == 0 or p.shape[-1] < min(block_size, MIN_BLOCK_VALUES)
+        if int(np.prod(p.shape)) < MIN_BLOCKWISE_SIZE or short:
             return zeros_like(p, jnp.dtype(jnp.float32))
         return EncodedMoment(
             codes=zeros_like(p, dtype),
@@ -637,7 +642,11 @@ def _encode_blockwise(
         seed = jnp.broadcast_to(jnp.asarray(salt).astype(jnp.uint32), value.shape)
         previous_bits = _rank(_to_blocks(previous.codes, bs)).astype(jnp.uint32)
         draw = uniform_hash(previous_bits, _to_blocks(seed, bs)).astype(cdt)
-        rank = jnp.where(draw * gap < jnp.abs(x - near), other, rank)
+        # Not to or from the zero code: below a block's smallest code the gap to it is
+        # many times the value, and a draw that lands there would make a step of many
+        # learning rates; such a value rounds to nearest (0, or that code).
+        inside = (rank != 0) & (other != 0)
+        rank = jnp.where(inside & (draw * gap < jnp.abs(x - near)), other, rank)
     else:
         fb = vb if floor is None else _to_blocks(floor.astype(cdt), bs)
         base = base.astype(jnp.float32)

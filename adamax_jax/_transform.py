@@ -311,6 +311,16 @@ def _scale_by_adamax(
             where = jax.tree_util.keystr(path)
             _codecs.check_moment(m, f"state.mu{where}", "mu")
             _codecs.check_moment(v, f"state.nu{where}", "nu")
+            for name, x in (("mu", m), ("nu", v)):
+                written = getattr(x, "block_size", None)
+                if written is not None and written != block_size:
+                    # Blocks of another size would read every scale against the wrong values.
+                    raise ValueError(
+                        f"`state.{name}{where}` was written in blocks of {written} values, "
+                        f"but this optimizer's `block_size` is {block_size}. Build the "
+                        "optimizer with the state's block size, or convert the state with "
+                        "`adamax_jax.convert_state(state, opt, params)`."
+                    )
             g = _float_gradient(g, p, where)
             rdt = real_dtype(compute_dtype(g.dtype))
             if rdt not in corrections:

@@ -336,3 +336,44 @@ def test_convert_state_from_float32_to_8_bit():
     u = np.asarray(ax.infinity_norm(converted)["w"], np.float64)
     ratio = u / np.asarray(g["w"], np.float64)
     assert ratio.min() >= 1 and ratio.max() <= _step_ratio(U8) * (1 + 1e-6)
+
+
+# --- Found by trying to break it ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mu_dtype", "nu_dtype"),
+    [(E4M3, E5M2), (I8, E5M2), (I8, F32), (E4M3, F32), (E5M2, F32), (I8, U8)],
+)
+@pytest.mark.parametrize("small", [1e-4, 1e-6, 1e-8])
+def test_a_mu_below_its_blocks_range_makes_no_large_step(mu_dtype, nu_dtype, small):
+    # One large gradient per block of 256 and small ones around it: a small μ below the
+    # block's smallest code must not be rounded up to that code (a step of thousands of
+    # learning rates); rounded to nearest (0, or that code when the value is past half of
+    # it), its step is at most twice the learning rate.
+    rng = np.random.default_rng(0)
+    g = (rng.uniform(0.5, 1.5, 4096) * small).astype(np.float32)
+    g[::256] = 1e3
+    opt = ax.adamax(1.0, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    params = jnp.zeros(4096)
+    updates, _ = opt.update(jnp.asarray(g), opt.init(params), params)
+    assert float(jnp.max(jnp.abs(updates))) <= 2.0, float(jnp.max(jnp.abs(updates)))
+
+
+def test_a_state_of_another_block_size_is_refused():
+    params = {"w": jnp.zeros((8, 600))}
+    state = ax.adamax(mu_dtype=I8, nu_dtype=U8).init(params)
+    other = ax.adamax(mu_dtype=I8, nu_dtype=U8, block_size=200)
+    with pytest.raises(ValueError, match=r"written in blocks of 256 values.*`block_size` is 200"):
+        other.update({"w": jnp.ones((8, 600))}, state, params)
+    with pytest.raises(
+        ValueError, match=r"\[0\]\.mu\['w'\]: written by codec 'blockwise' in blocks"
+    ):
+        ax.check_state(other, params, state)
+
+
+@pytest.mark.parametrize("shape", [(4096, 1), (1024, 4), (512, 8)])
+def test_a_leaf_with_a_short_last_axis_stays_in_float32(shape):
+    # One float32 scale per few values would take more than float32 itself.
+    state = ax.adamax(mu_dtype=I8, nu_dtype=U8).init({"w": jnp.zeros(shape)})
+    assert state[0].mu["w"].dtype == F32 and state[0].nu["w"].dtype == F32
