@@ -363,13 +363,6 @@ def barrier(m: Any, v: Any) -> tuple[Any, Any]:
     return lax.optimization_barrier((m, v))
 
 
-def nbytes_per_value(x: Any) -> float:
-    """Bytes of storage per value of a moment, scales included."""
-    leaves = jax.tree.leaves(x)
-    size = np.prod(jnp.shape(x.codes if is_encoded(x) else x)) or 1
-    return sum(jnp.dtype(leaf.dtype).itemsize * np.prod(jnp.shape(leaf)) for leaf in leaves) / size
-
-
 def from_value(value: jax.Array, template: Any, role: Role) -> Any:
     """Stores moment values `value` in the layout and dtype of `template`, from scratch.
 

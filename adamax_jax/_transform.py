@@ -574,10 +574,6 @@ def _step_count(count: Any, name: str, dtype: Any) -> jax.Array:
     return jnp.clip(count, 0, top).astype(dtype)
 
 
-class _DecayedWeightsState(NamedTuple):
-    """No state: the weight decay of :func:`adamaxw` keeps none."""
-
-
 def _add_decayed_weights(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
     """``update + λ θ`` in the update's dtype (float32 at least in the aliases)."""
 
