@@ -11,6 +11,7 @@ either keeps its meaning or is refused; it is never reinterpreted silently.
 """
 
 import dataclasses
+import functools
 from typing import Any, Literal
 
 import jax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from adamax_jax._precision import below_32_bits, store_moment, uniform_hash
+from adamax_jax._precision import _random_bits, below_32_bits, store_moment
 from adamax_jax._sharding import zeros_like
 
 Role = Literal["mu", "nu"]
@@ -239,15 +240,6 @@ def decode(x: Any, dtype: jax.typing.DTypeLike) -> jax.Array:
     return jnp.clip(value, -big, big)
 
 
-def _pow2_at_least(ratio: jax.Array) -> jax.Array:
-    """The smallest power of two ``2^j >= ratio`` with ``j >= 0``, in float32."""
-    mantissa, exponent = jnp.frexp(jnp.maximum(ratio, jnp.float32(1)))
-    # ratio = mantissa · 2^exponent with mantissa in [0.5, 1): exactly a power
-    # of two where the mantissa is 0.5.
-    j = jnp.where(mantissa == 0.5, exponent - 1, exponent)
-    return jnp.ldexp(jnp.float32(1), j)
-
-
 def next_scale(x: Any, role: Role, b2: jax.typing.ArrayLike) -> jax.Array | None:
     """The scale for this step's store of a scaled ν; None for a plain moment.
 
@@ -271,35 +263,17 @@ def next_scale(x: Any, role: Role, b2: jax.typing.ArrayLike) -> jax.Array | None
         # μ takes a fresh scale from its values in `encode`; ν's decays here.
         return scale * jnp.asarray(b2, jnp.float32) if role == "nu" else scale
     decayed = scale * jnp.asarray(b2, jnp.float32) if role == "nu" else scale
-    # β₂ = 0 leaves nothing to decay: any scale will do; take 1.
-    positive = decayed > 0
-    base = jnp.where(positive, decayed, jnp.float32(1))
-    return jnp.where(positive, base * _pow2_at_least(1 / base), jnp.float32(1))
-
-
-@jax.custom_jvp
-def _next_up(x: jax.Array) -> jax.Array:
-    """The next representable value above a finite, non-negative `x`."""
-    bits = lax.bitcast_convert_type(x, _uint_of(x.dtype))
-    return lax.bitcast_convert_type(bits + 1, x.dtype)
-
-
-@_next_up.defjvp
-def _next_up_jvp(primals, tangents):
-    # Rounding has no useful derivative; the straight-through rule passes the
-    # tangent of the value on, as the store of the value would.
-    (x,), (dx,) = primals, tangents
-    return _next_up(x), dx
+    # The least 2^j with j >= 0 that takes the decayed scale to at least 1, added to
+    # its exponent. β₂ = 0 (or one that takes it below float32's normal range)
+    # leaves nothing to decay: any scale will do; take 1.
+    normal = decayed >= jnp.float32(jnp.finfo(jnp.float32).tiny)
+    _, exponent = _split_mantissa(jnp.where(normal, decayed, jnp.float32(1)))
+    up = lax.bitcast_convert_type(_bits(decayed) + (jnp.maximum(-exponent, 0) << 23), jnp.float32)
+    return jnp.where(normal, up, jnp.float32(1))
 
 
 def _uint_of(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
-
-
-def _saturate(codes: jax.Array) -> jax.Array:
-    """Keeps a store finite: beyond the largest finite value, that value."""
-    big = jnp.asarray(jnp.finfo(codes.dtype).max, codes.dtype)
-    return jnp.clip(codes, -big, big)
 
 
 def encode(
@@ -309,6 +283,7 @@ def encode(
     scale: jax.Array | None,
     floor: jax.Array | None = None,
     salt: jax.typing.ArrayLike = 0,
+    peak: jax.Array | None = None,
 ) -> Any:
     """Stores `value` in the layout and dtype of `previous`.
 
@@ -329,33 +304,102 @@ def encode(
         scale: :func:`next_scale` of `previous`.
         floor: The least value a stored ν may read back as.
         salt: uint32 bits for μ's rounding draw (:func:`adamax_jax._precision.seed`).
+        peak: For a block-wise moment, at least the largest ``|value|`` (μ) or
+            `floor` (ν) of each block, shaped like its scale (:func:`block_peaks`);
+            None to compute it from the values.
 
     Returns:
         The stored moment, in the layout of `previous`.
     """
     if is_encoded(previous) and previous.codec == BLOCKWISE:
         assert scale is not None
-        return _encode_blockwise(value, previous, role, scale, floor, salt)
+        return _encode_blockwise(value, previous, role, scale, floor, salt, peak)
     plain = previous.codes if is_encoded(previous) else previous
     dtype = plain.dtype
-    if is_encoded(previous):
-        assert scale is not None
-        rdt = jnp.finfo(value.dtype).dtype
-        value = value / scale.astype(rdt).astype(value.dtype)
-        if floor is not None:
-            floor = floor / scale.astype(rdt)
     if role == "mu":
-        codes = store_moment(value, plain, salt)
+        # Rounded stochastically and saturated by store_moment; μ is never scaled.
+        assert not is_encoded(previous)
+        return store_moment(value, plain, salt)
+    if not is_encoded(previous):
+        return _saturate_to(value, dtype) if below_32_bits(dtype) else value.astype(dtype)
+    assert scale is not None
+    rdt = jnp.finfo(value.dtype).dtype
+    s = scale.astype(rdt).astype(value.dtype)
+    # Multiplied by the reciprocal of the scale: the rounding up below compares
+    # the value read back, so that the reciprocal need not be exact, and a
+    # carried code (value = code · scale, to a few roundings) comes back as itself.
+    q = value * _reciprocal(s)
+    if floor is None or jnp.iscomplexobj(q):
+        codes = _saturate_to(q, dtype)
     else:
-        codes = value.astype(dtype)
-        if floor is not None and below_32_bits(dtype) and not jnp.iscomplexobj(codes):
-            codes = jnp.where(codes.astype(floor.dtype) < floor, _next_up(codes), codes)
-    if below_32_bits(dtype):
-        codes = _saturate(codes)
-    if is_encoded(previous):
-        assert scale is not None
-        return EncodedMoment(codes=codes, scale=scale, codec=previous.codec)
-    return codes
+        codes = _store_up(q, s, floor.astype(q.dtype), dtype)
+    return EncodedMoment(codes=codes, scale=scale, codec=previous.codec)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _store_up(q: jax.Array, s: jax.Array, floor: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Non-negative `q` stored in 16-bit float `dtype`, never reading back below `floor`.
+
+    Rounded to nearest (saturating at the largest finite value), then moved up
+    one unit in the last place where the code times `s`, read back as decode
+    reads it, is below `floor`. The choice is made in the compute dtype and
+    the result converted once, exactly, as the last operation: XLA on CPU
+    recomputes cheap operations that follow a conversion in every loop that
+    reads the stored codes, from the old codes if they have been overwritten
+    (so that a donated step copies them first). For bfloat16 the rounding is
+    computed on float32 bits, which is cheaper than a conversion.
+    """
+    rdt = q.dtype
+    big = jnp.asarray(jnp.finfo(dtype).max, rdt)
+    q = jnp.clip(q, -big, big)
+    if dtype == jnp.bfloat16 and rdt == jnp.float32:
+        bits = lax.bitcast_convert_type(q, jnp.uint32)
+        # Round to nearest, ties to even, at the 16th bit; exact in bfloat16.
+        near = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & 1)) & jnp.uint32(0xFFFF0000)
+        code = lax.bitcast_convert_type(near, rdt)
+        above = lax.bitcast_convert_type(near + jnp.uint32(0x10000), rdt)
+    else:
+        stored = q.astype(dtype)
+        code = stored.astype(rdt)
+        bits = lax.bitcast_convert_type(stored, _uint_of(dtype))
+        above = lax.bitcast_convert_type(bits + 1, dtype).astype(rdt)
+    up = (_times_scale(code, s) < floor) & (code < big)
+    return jnp.where(up, above, code).astype(dtype)
+
+
+@_store_up.defjvp
+def _store_up_jvp(dtype, primals, tangents):
+    # Rounding has no useful derivative; the straight-through rule passes the
+    # tangent of the value on, as the store of the value would.
+    q, s, floor = primals
+    return _store_up(q, s, floor, dtype), tangents[0].astype(dtype)
+
+
+def _reciprocal(s: jax.Array) -> jax.Array:
+    """``1 / s`` for positive normal float32 `s` up to 2^125, within a few units in the last place.
+
+    The mantissa's reciprocal is estimated from the bits and refined by three
+    Newton steps, and the exponent negated: cheap operations that XLA fuses
+    into the loop that uses them (a scalar's is hoisted out of it), where a
+    division of a scalar or of a block's scale would be a kernel and a buffer
+    of its own for every leaf, and a division in the loop costs a division per
+    value. Callers check what they store with it.
+    """
+    f32 = jnp.float32
+    m, e = _split_mantissa(s.astype(f32))
+    r = lax.bitcast_convert_type(jnp.int32(0x7EF311C3) - _bits(m), f32)
+    for _ in range(3):
+        r = r * (f32(2) - m * r)
+    # r is in (1/2, 1], so that r · 2^-e is normal for e <= 125.
+    return (r * _pow2(-e)).astype(s.dtype)
+
+
+def _saturate_to(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`x` rounded to nearest in `dtype`, saturating at its largest finite value."""
+    if jnp.iscomplexobj(x):
+        return x.astype(dtype)
+    big = jnp.finfo(dtype).max
+    return jnp.clip(x, -jnp.asarray(big, x.dtype), jnp.asarray(big, x.dtype)).astype(dtype)
 
 
 def barrier(m: Any, v: Any) -> tuple[Any, Any]:
@@ -397,21 +441,24 @@ class _CodeMap:
 
     top: int  # the largest magnitude index
     signed: bool
-    log_steps: int | None  # codes per doubling of the logarithmic map; None for float8
+    per_binade: int | None  # codes per doubling of the int8/uint8 maps; None for float8
 
 
 _MAPS: dict[jnp.dtype, _CodeMap] = {
-    # Logarithmic maps: magnitude k > 0 is 2^((k - top) / log_steps + 4) of the
-    # block's scale. int8 spans 2^25 below the block's largest value with codes
-    # 14.9 % apart (μ's values in a block span more than ν's need: a μ below
-    # the range is 0 and stops its parameter); uint8, for ν, spends the sign
-    # bit on resolution: 2^18 with codes 5.1 % apart.
-    jnp.dtype(jnp.int8): _CodeMap(top=127, signed=True, log_steps=5),
-    jnp.dtype(jnp.uint8): _CodeMap(top=255, signed=False, log_steps=14),
+    # int8 and uint8: magnitude k > 0 is ``2^(k // L) (1 + (k % L) / L)`` in units
+    # of the block's smallest binade, L codes evenly spaced in every doubling (as
+    # the mantissa of a float with L values), the largest code in [2^4, 2^5) block
+    # scales (see _magnitude). int8 (L = 5) spans 2^25.4 below the block's largest
+    # value with codes 3.4 % to 20 % apart: μ's values in a block span more than
+    # ν's need, and a μ below the range is 0 and stops its parameter. uint8, for ν
+    # (L = 14), spends the sign bit on resolution: 2^18.2 with codes 3.4 % to 7.1 %
+    # apart.
+    jnp.dtype(jnp.int8): _CodeMap(top=127, signed=True, per_binade=5),
+    jnp.dtype(jnp.uint8): _CodeMap(top=255, signed=False, per_binade=14),
     # float8: the dtype's own values; the magnitude index is the bit pattern
     # without the sign (0x7F is NaN in e4m3fn, 0x7C infinity in e5m2).
-    jnp.dtype(jnp.float8_e4m3fn): _CodeMap(top=0x7E, signed=True, log_steps=None),
-    jnp.dtype(jnp.float8_e5m2): _CodeMap(top=0x7B, signed=True, log_steps=None),
+    jnp.dtype(jnp.float8_e4m3fn): _CodeMap(top=0x7E, signed=True, per_binade=None),
+    jnp.dtype(jnp.float8_e5m2): _CodeMap(top=0x7B, signed=True, per_binade=None),
 }
 
 
@@ -420,32 +467,117 @@ def code_step(storage: jax.typing.DTypeLike) -> float:
 
     A ν stored in `storage` reads back at most this factor above the value
     it holds (within the map's range); a rounded μ is off by at most half of
-    it. 2^(1/5) for int8, 2^(1/14) for uint8, 1 + 2^-3 for float8_e4m3fn and
+    it. 1 + 1/5 for int8, 1 + 1/14 for uint8, 1 + 2^-3 for float8_e4m3fn and
     1 + 2^-2 for float8_e5m2 (their normal range).
     """
     cmap = _MAPS[jnp.dtype(storage)]
-    if cmap.log_steps is not None:
-        return float(2.0 ** (1.0 / cmap.log_steps))
+    if cmap.per_binade is not None:
+        return 1.0 + 1.0 / cmap.per_binade
     return 1.0 + 2.0 ** -int(jnp.finfo(storage).nmant)
 
 
-# The largest code of a logarithmic map is worth 2^4 block scales, so that a
-# block holding values up to float32's maximum has a scale whose reciprocal is
-# still a normal number (XLA divides by a broadcast scale through its
-# reciprocal, and flushes subnormals to zero).
-_LOG_TOP_EXPONENT = 4
+# The largest code of an int8 or uint8 map is worth between 2^4 and 2^5 block
+# scales, so that a block holding values up to float32's maximum has a scale
+# whose reciprocal is still a normal number (XLA divides by a broadcast scale
+# through its reciprocal, and flushes subnormals to zero).
+_TOP_EXPONENT = 4
+
+
+def _per_binade(cmap: _CodeMap) -> int:
+    assert cmap.per_binade is not None
+    return cmap.per_binade
+
+
+def _first_exponent(cmap: _CodeMap) -> int:
+    """The biased float32 exponent of the binade of magnitude indices 0 to L - 1."""
+    return 127 + _TOP_EXPONENT - cmap.top // _per_binade(cmap)
+
+
+def _magnitude(k: jax.Array, cmap: _CodeMap) -> jax.Array:
+    """The float32 value of non-negative magnitude indices `k` of an int8/uint8 map.
+
+    Built from its bits: the binade ``k // L`` is the exponent, and the
+    mantissa is ``floor((k % L) 2^23 / L)``. Every rounding (:func:`_index`)
+    works on the same bits, so that a carry out of the mantissa moves to the
+    next binade, and a power-of-two change of scale moves every index by a
+    whole number of binades (L indices each).
+    """
+    per = _per_binade(cmap)
+    # Divisions by the constant L as a multiply and a shift: XLA counts an integer
+    # division as expensive and would write its operand out rather than fuse it.
+    binade = _divide(k, per, cmap.top)
+    mantissa = _divide(k - binade * per, per, per - 1, numerator_shift=23)
+    bits = ((binade + _first_exponent(cmap)) << 23) | mantissa
+    return jnp.where(k == 0, jnp.float32(0), lax.bitcast_convert_type(bits, jnp.float32))
+
+
+@functools.cache
+def _magic(divisor: int, largest: int, numerator_shift: int) -> tuple[int, int]:
+    """A multiplier and a shift that divide by `divisor`, found and checked once.
+
+    ``(n << numerator_shift) // divisor == (n * m) >> s`` for every
+    ``0 <= n <= largest``, with ``n * m`` within int32.
+    """
+    n = np.arange(largest + 1, dtype=np.int64)
+    want = (n << numerator_shift) // divisor
+    for shift in range(32):
+        m = -(-(1 << (shift + numerator_shift)) // divisor)
+        if largest * m >= 2**31:
+            break
+        if np.array_equal((n * m) >> shift, want):
+            return m, shift
+    raise ValueError(f"no int32 multiply-and-shift divides by {divisor} up to {largest}")
+
+
+def _divide(n: jax.Array, divisor: int, largest: int, numerator_shift: int = 0) -> jax.Array:
+    """``(n << numerator_shift) // divisor`` for int32 ``0 <= n <= largest``.
+
+    A multiply and a shift (:func:`_magic`).
+    """
+    m, shift = _magic(divisor, largest, numerator_shift)
+    return (n * m) >> shift
+
+
+def _magnitude_np(k: int, cmap: _CodeMap) -> float:
+    per = _per_binade(cmap)
+    bits = ((k // per + _first_exponent(cmap)) << 23) | (((k % per) << 23) // per)
+    return float(np.array(bits, np.int32).view(np.float32))
+
+
+def _smallest(cmap: _CodeMap) -> float:
+    """The value of magnitude index 1 (in block scales)."""
+    return _magnitude_np(1, cmap)
 
 
 def _top_value(cmap: _CodeMap, dtype: jnp.dtype) -> float:
-    if cmap.log_steps is not None:
-        return float(2**_LOG_TOP_EXPONENT)
+    if cmap.per_binade is not None:
+        return _magnitude_np(cmap.top, cmap)
     return float(jnp.finfo(dtype).max)
+
+
+def _index(a: jax.Array, cmap: _CodeMap, carry: jax.Array | int) -> jax.Array:
+    """The magnitude index of non-negative float32 `a` (block scales), from its bits.
+
+    The position of `a` within its binade, ``mantissa · L``, is taken in
+    units of 2^-23 of a code, and `carry` added before it is truncated:
+    ``UP`` (2^23 − 1) rounds up, exactly (the least code not below `a`);
+    ``_below(cmap) + 2^22`` to nearest; ``_below(cmap)`` plus 23 uniform random
+    bits stochastically (``_below`` makes a code's own value, whose mantissa
+    was rounded down, come back as that code). The result is not clipped, and
+    is not meaningful below the smallest code (callers decide what such a
+    value becomes).
+    """
+    per = _per_binade(cmap)
+    bits = lax.bitcast_convert_type(a, jnp.int32)
+    binade = (bits >> 23) - _first_exponent(cmap)
+    within = ((bits & 0x7FFFFF) * per + carry) >> 23
+    return binade * per + within
 
 
 def _rank(codes: jax.Array) -> jax.Array:
     """The signed magnitude index of each code, as int32."""
     dtype = jnp.dtype(codes.dtype)
-    if _MAPS[dtype].log_steps is not None:
+    if _MAPS[dtype].per_binade is not None:
         return codes.astype(jnp.int32)
     bits = lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.int32)
     magnitude = bits & 0x7F
@@ -454,7 +586,7 @@ def _rank(codes: jax.Array) -> jax.Array:
 
 def _codes(rank: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Codes of `dtype` from signed magnitude indices (inverse of :func:`_rank`)."""
-    if _MAPS[dtype].log_steps is not None:
+    if _MAPS[dtype].per_binade is not None:
         return rank.astype(dtype)
     bits = jnp.abs(rank) | jnp.where(rank < 0, 0x80, 0)
     return lax.bitcast_convert_type(bits.astype(jnp.uint8), dtype)
@@ -463,30 +595,45 @@ def _codes(rank: jax.Array, dtype: jnp.dtype) -> jax.Array:
 def _value_of_rank(rank: jax.Array, storage: jnp.dtype, dtype: jnp.dtype) -> jax.Array:
     """The value of signed magnitude index `rank` in units of the block scale."""
     cmap = _MAPS[storage]
-    if cmap.log_steps is None:
+    if cmap.per_binade is None:
         return _codes(rank, storage).astype(dtype)
-    k = jnp.abs(rank)
-    exponent = (k - cmap.top).astype(dtype) / cmap.log_steps + _LOG_TOP_EXPONENT
-    magnitude = jnp.where(k == 0, jnp.zeros((), dtype), jnp.exp2(exponent))
-    return jnp.where(rank < 0, -magnitude, magnitude)
+    magnitude = _magnitude(jnp.abs(rank), cmap).astype(dtype)
+    return jnp.where(rank < 0, -magnitude, magnitude) if cmap.signed else magnitude
+
+
+UP = (1 << 23) - 1
+
+
+def _below(cmap: _CodeMap) -> int:
+    """What :func:`_index` adds so that a code's own value, mantissa rounded down, is that code."""
+    return _per_binade(cmap) - 1
+
+
+def _rounded_index(a: jax.Array, cmap: _CodeMap, carry: jax.Array | int) -> jax.Array:
+    """:func:`_index` of non-negative `a`, in the map's range.
+
+    A value below the smallest code rounds to nearest (0, or that code where
+    it is past half of it); values beyond the largest code saturate.
+    """
+    a = a.astype(jnp.float32)
+    k = _index(a, cmap, carry)
+    smallest = jnp.float32(_smallest(cmap))
+    k = jnp.where(a < smallest, (a >= smallest / 2).astype(jnp.int32), k)
+    return jnp.clip(k, 0, cmap.top)
 
 
 def _nearest_rank(x: jax.Array, storage: jnp.dtype) -> jax.Array:
     """The rank of the code nearest to `x` (in units of the block scale).
 
-    float8 rounds to nearest even; the logarithmic maps round to nearest on a
-    logarithmic scale. Values beyond the largest code saturate.
+    float8 rounds to nearest even; the int8/uint8 maps round to nearest (ties
+    up). Values beyond the largest code saturate.
     """
     cmap = _MAPS[storage]
-    if cmap.log_steps is None:
+    if cmap.per_binade is None:
         big = jnp.asarray(jnp.finfo(storage).max, x.dtype)
         return _rank(jnp.clip(x, -big, big).astype(storage))
-    a = jnp.abs(x)
-    positive = a > 0
-    exponent = jnp.log2(jnp.where(positive, a, jnp.ones((), a.dtype)))
-    k = jnp.round(cmap.top + cmap.log_steps * (exponent - _LOG_TOP_EXPONENT))
-    k = jnp.where(positive, jnp.clip(k, 0, cmap.top), 0).astype(jnp.int32)
-    return jnp.where(x < 0, -k, k)
+    k = _rounded_index(jnp.abs(x), cmap, _below(cmap) + (1 << 22))
+    return jnp.where(x < 0, -k, k) if cmap.signed else k
 
 
 def _round_up_rank(
@@ -573,17 +720,173 @@ def _fit(peak: jax.Array, base: jax.Array, top: float) -> jax.Array:
         base.astype(f32) * _pow2(jnp.clip(half, -126, 127)) * _pow2(jnp.clip(j - half, -126, 127))
     )
     # Both the scale and its reciprocal stay normal numbers.
-    return jnp.clip(scale, f32(2.0**-126), f32(2.0**126))
+    return jnp.clip(scale, f32(2.0**-126), f32(2.0**125))
+
+
+def _blocked(x: "EncodedMoment") -> bool:
+    """Whether a block-wise moment's codes are laid out as blocks (see :func:`in_blocks`)."""
+    return jnp.ndim(x.codes) == jnp.ndim(x.scale) + 1
+
+
+def block_layout(*moments: Any) -> int | None:
+    """The block size of the first block-wise moment among `moments`, or None."""
+    for x in moments:
+        if is_encoded(x) and x.codec == BLOCKWISE:
+            return x.block_size
+    return None
+
+
+def to_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """Array `x` with its last axis cut into blocks of `block_size`, the last one padded with 0.
+
+    The shape is ``(..., n_blocks, block_size)`` (one block of the whole axis
+    where it is shorter than a block).
+    """
+    return _to_blocks(x, block_size)
+
+
+def from_blocks(x: jax.Array, n: int) -> jax.Array:
+    """The inverse of :func:`to_blocks` for a last axis of `n` values."""
+    return _from_blocks(x, n)
+
+
+def in_blocks(x: Any, block_size: int) -> Any:
+    """A stored moment laid out as blocks of `block_size` values along its last axis.
+
+    A step works on every array of a leaf with a block-wise moment in that
+    layout, so that each block's reduction and its codes read the same values
+    with no reshape between them: XLA then computes a block's largest value
+    in the loop that computes the values instead of writing them out first.
+    A block-wise moment keeps its own block size; its scale does not change
+    shape.
+    """
+    if is_encoded(x):
+        size = x.block_size if x.codec == BLOCKWISE else block_size
+        assert size is not None
+        return dataclasses.replace(x, codes=_to_blocks(x.codes, size))
+    return _to_blocks(x, block_size)
+
+
+def out_of_blocks(x: Any, n: int) -> Any:
+    """The inverse of :func:`in_blocks` for a last axis of `n` values."""
+    if is_encoded(x):
+        return dataclasses.replace(x, codes=_from_blocks(x.codes, n))
+    return _from_blocks(x, n)
+
+
+def _max_and_min(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The largest and the least value of each block of `x` laid out as blocks, in one pass.
+
+    One variadic reduction: XLA on CPU computes it in a parallel loop as it
+    reads `x`, several times faster than ``jnp.max`` of ``|x|`` (which it
+    writes out first) or a ``jnp.max`` and a ``jnp.min``.
+    """
+
+    def both(a, b):
+        return lax.max(a[0], b[0]), lax.min(a[1], b[1])
+
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        low, high = jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(jnp.inf, x.dtype)
+    else:
+        info = jnp.iinfo(x.dtype)
+        low, high = jnp.asarray(info.min, x.dtype), jnp.asarray(info.max, x.dtype)
+    largest, least = lax.reduce((x, x), (low, high), both, (x.ndim - 1,))
+    return largest, least
+
+
+def block_peaks(x: jax.Array) -> jax.Array:
+    """The largest ``|x|`` of each block of real `x` laid out as blocks (:func:`to_blocks`)."""
+    largest, least = _max_and_min(x)
+    return jnp.maximum(largest, -least)
+
+
+def moment_peaks(x: Any, dtype: jax.typing.DTypeLike) -> jax.Array | None:
+    """The largest ``|decode(x)|`` of each block of a block-wise moment laid out as blocks.
+
+    Read from the largest code magnitude of each block (see
+    :func:`block_peaks`); None for any other moment.
+    """
+    if not (is_encoded(x) and x.codec == BLOCKWISE):
+        return None
+    assert _blocked(x), "moment_peaks reads a moment laid out as blocks (in_blocks)."
+    storage = jnp.dtype(x.codes.dtype)
+    cmap = _MAPS[storage]
+    if cmap.per_binade is not None:
+        largest, least = (c.astype(jnp.int32) for c in _max_and_min(x.codes))
+        largest = jnp.maximum(largest, -least) if cmap.signed else largest
+        values = _magnitude(largest, cmap).astype(dtype)
+    else:
+        return jnp.max(jnp.abs(_decode_blockwise(x, dtype)), axis=-1)
+    scale = x.scale.astype(jnp.float32).astype(dtype)
+    return _times_scale(values, scale)
 
 
 def _decode_blockwise(x: "EncodedMoment", dtype: jax.typing.DTypeLike) -> jax.Array:
     dtype = jnp.dtype(dtype)
     storage = jnp.dtype(x.codes.dtype)
     assert x.block_size is not None
-    blocks = _to_blocks(x.codes, x.block_size)
+    blocked = _blocked(x)
+    blocks = x.codes if blocked else _to_blocks(x.codes, x.block_size)
     values = _value_of_rank(_rank(blocks), storage, dtype)
     scale = x.scale.astype(jnp.float32).astype(dtype)[..., None]
-    return _from_blocks(_times_scale(values, scale), x.codes.shape[-1])
+    values = _times_scale(values, scale)
+    return values if blocked else _from_blocks(values, x.codes.shape[-1])
+
+
+def _nu_index(
+    codes: jax.Array,
+    floor: jax.Array,
+    base: jax.Array,
+    scale: jax.Array,
+    inv: jax.Array,
+    s: jax.Array,
+    cmap: _CodeMap,
+) -> jax.Array:
+    """The new magnitude indices of a ν in an int8/uint8 map, computed on the indices.
+
+    ``u = max(β₂ u_prev, floor)`` is stored as the larger of two indices (the
+    map is monotone): the carried one, moved down by the binades the scale
+    grew (exact: the decay is in the scale; an index that falls below the
+    map's range stays at its smallest code, rounding up), and the least one
+    that reads back at least `floor`, checked as decode reads it. So neither
+    the old values nor the new ones are decoded here.
+
+    Args:
+        codes: The previous codes, laid out as blocks.
+        floor: This step's ``|g|`` (+ ε), laid out as blocks.
+        base: Each block's previous scale times β₂ (below float32's normal range
+            for a block that holds nothing).
+        scale: Each block's new scale: `base` times a power of two, or fresh.
+        inv: The reciprocal of `scale`, broadcast against the blocks.
+        s: `scale`, broadcast against the blocks.
+        cmap: The code map.
+    """
+    tiny = jnp.float32(jnp.finfo(jnp.float32).tiny)
+    # floor(log2(scale / base)) from the bits: exact for a power of two, and
+    # never more than the ratio where a scale saturated at 2^126.
+    m_scale, e_scale = _split_mantissa(jnp.maximum(scale, tiny))
+    m_base, e_base = _split_mantissa(jnp.maximum(base, tiny))
+    grew = e_scale - e_base - (m_scale < m_base).astype(jnp.int32)
+    kept = base >= tiny
+    # Per block: how far the indices move down, and the least a nonzero index
+    # can become (0 for a block that holds nothing, whose indices are dropped).
+    down = jnp.where(kept, grew * _per_binade(cmap), cmap.top + 1)[..., None]
+    least = kept.astype(jnp.int32)[..., None]
+    k_prev = _rank(codes)
+    if cmap.signed:
+        k_prev = jnp.abs(k_prev)
+    carried = jnp.maximum(k_prev - down, jnp.minimum(k_prev, least))
+    # The ceiling of the index from the bits of floor / scale; at least 1 for a
+    # nonzero floor (the bits of a positive float are positive), 0 for 0.
+    a = floor.astype(jnp.float32) * inv.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(a, jnp.int32)
+    k = _index(a, cmap, UP)
+    k = jnp.clip(k, jnp.minimum(bits, 1), cmap.top)
+    # The reciprocal and the product round: where the value read back (as
+    # decode reads it) is below the floor, one index up.
+    below = _times_scale(_magnitude(k, cmap).astype(floor.dtype), s) < floor
+    k = jnp.where(below, jnp.minimum(k + 1, cmap.top), k)
+    return jnp.maximum(carried, k)
 
 
 def _encode_blockwise(
@@ -593,6 +896,7 @@ def _encode_blockwise(
     base: jax.Array,
     floor: jax.Array | None,
     salt: jax.typing.ArrayLike = 0,
+    peak: jax.Array | None = None,
 ) -> "EncodedMoment":
     """Stores `value` block-wise in the codes dtype of `previous`.
 
@@ -614,38 +918,58 @@ def _encode_blockwise(
     bs = previous.block_size
     assert bs is not None
     n = previous.codes.shape[-1]
+    blocked = _blocked(previous)
+
+    def blocks(x: jax.Array) -> jax.Array:
+        return x if blocked else _to_blocks(x, bs)
+
     cdt = jnp.dtype(value.dtype)
     top = _top_value(cmap, storage)
-    vb = _to_blocks(value, bs)
+    vb = blocks(value)
     if role == "mu":
-        peak = jnp.max(jnp.abs(vb), axis=-1).astype(jnp.float32)
+        if peak is None:
+            peak = jnp.max(jnp.abs(vb), axis=-1)
+        peak = peak.astype(jnp.float32)
         scale = jnp.where(peak > 0, _fit(peak, jnp.ones_like(peak), top), jnp.float32(1))
         s = scale.astype(cdt)[..., None]
         # Multiplied by the reciprocal (exact: a power of two), as jit would
         # compute a division, so that eager and compiled steps agree.
-        inv = (1 / scale).astype(cdt)[..., None]
+        # The scale is a power of two: its reciprocal, from the bits, is exact.
+        inv = lax.bitcast_convert_type((254 << 23) - _bits(scale), jnp.float32)
+        inv = inv.astype(cdt)[..., None]
         x = vb * inv
-        rank = _nearest_rank(x, storage)
-        # The code on the other side of the value, taken with probability
-        # |x - nearest| / (the gap between the two): unbiased.
-        near = _value_of_rank(rank, storage, cdt)
-        lowest = -cmap.top if cmap.signed else 0
-        other = jnp.clip(rank + jnp.where(x > near, 1, -1), lowest, cmap.top)
-        gap = jnp.abs(_value_of_rank(other, storage, cdt) - near)
-        seed = jnp.broadcast_to(jnp.asarray(salt).astype(jnp.uint32), value.shape)
-        previous_bits = _rank(_to_blocks(previous.codes, bs)).astype(jnp.uint32)
-        draw = uniform_hash(previous_bits, _to_blocks(seed, bs)).astype(cdt)
-        # Not to or from the zero code: below a block's smallest code the gap to it is
-        # many times the value, and a draw that lands there would make a step of many
-        # learning rates; such a value rounds to nearest (0, or that code).
-        inside = (rank != 0) & (other != 0)
-        rank = jnp.where(inside & (draw * gap < jnp.abs(x - near)), other, rank)
+        seed = blocks(jnp.broadcast_to(jnp.asarray(salt).astype(jnp.uint32), value.shape))
+        previous_bits = _rank(blocks(previous.codes)).astype(jnp.uint32)
+        noise = _random_bits(previous_bits, seed, jnp.uint32(0))
+        if cmap.per_binade is not None:
+            # Random bits below the cut, then truncation: the index moves up with
+            # the probability of the dropped fraction of a code (the codes between
+            # two binades are evenly spaced, so that this is unbiased). Below the
+            # smallest code, to nearest (see _index).
+            carry = (noise >> 9).astype(jnp.int32) + _below(cmap)
+            k = _rounded_index(jnp.abs(x), cmap, carry)
+            rank = jnp.where(x < 0, -k, k)
+        else:
+            rank = _nearest_rank(x, storage)
+            # The code on the other side of the value, taken with probability
+            # |x - nearest| / (the gap between the two): unbiased.
+            near = _value_of_rank(rank, storage, cdt)
+            other = jnp.clip(rank + jnp.where(x > near, 1, -1), -cmap.top, cmap.top)
+            gap = jnp.abs(_value_of_rank(other, storage, cdt) - near)
+            draw = ((noise >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)).astype(cdt)
+            # Not to or from the zero code: below a block's smallest code the gap to it is
+            # many times the value, and a draw that lands there would make a step of many
+            # learning rates; such a value rounds to nearest (0, or that code).
+            inside = (rank != 0) & (other != 0)
+            rank = jnp.where(inside & (draw * gap < jnp.abs(x - near)), other, rank)
     else:
-        fb = vb if floor is None else _to_blocks(floor.astype(cdt), bs)
+        fb = vb if floor is None else blocks(floor.astype(cdt))
         base = base.astype(jnp.float32)
         # max with the zeros of `base`: the gradient's peaks take the state's
         # sharding (on Explicit mesh axes a select needs it in every operand).
-        peak = jnp.maximum(jnp.max(fb, axis=-1).astype(jnp.float32), jnp.zeros_like(base))
+        if peak is None:
+            peak = jnp.max(fb, axis=-1)
+        peak = jnp.maximum(peak.astype(jnp.float32), jnp.zeros_like(base))
         # A scale of 0 marks a block that holds nothing yet (a fresh state, or
         # one decayed below float32's normal range): it takes a fresh power of
         # two from its first nonzero gradient.
@@ -657,10 +981,16 @@ def _encode_blockwise(
         s = scale.astype(cdt)[..., None]
         # The reciprocal of the scale, computed once, as jit computes a division
         # by it; the rounding up below compares values read back as decode reads them.
+        # A division: XLA computes it once a block, in a kernel of its own, where
+        # cheaper operations would be recomputed for every value of the block.
         inv = (1 / jnp.maximum(scale, tiny)).astype(cdt)[..., None]
-        # One rounding up serves both bounds: never below this step's floor,
-        # nor (within float32 rounding) below the decayed value carried over.
-        target = jnp.maximum(fb, vb * jnp.asarray(1 - 2.0**-16, cdt))
-        rank = _round_up_rank(target, _nearest_rank(vb * inv, storage), storage, s, 0.0)
-    codes = _from_blocks(_codes(rank, storage), n)
+        if cmap.per_binade is None:
+            # One rounding up serves both bounds: never below this step's floor,
+            # nor (within float32 rounding) below the decayed value carried over.
+            target = jnp.maximum(fb, vb * jnp.asarray(1 - 2.0**-16, cdt))
+            rank = _round_up_rank(target, _nearest_rank(vb * inv, storage), storage, s, 0.0)
+        else:
+            rank = _nu_index(blocks(previous.codes), fb, base, scale, inv, s, cmap)
+    codes = _codes(rank, storage)
+    codes = codes if blocked else _from_blocks(codes, n)
     return EncodedMoment(codes=codes, scale=scale, codec=BLOCKWISE, block_size=bs)

@@ -117,6 +117,37 @@ def adamax_leaf(
     m: Any,
     v: Any,
     count: jax.Array,
+    **kwargs: Any,
+) -> tuple[jax.Array, Any, Any]:
+    r"""One AdaMax step for one array (see :func:`_leaf`); keyword arguments as there.
+
+    Where a moment is stored block-wise, the step runs with every array of the
+    leaf laid out as blocks (:func:`adamax_jax._codecs.in_blocks`), and hands
+    the direction and the moments back in the leaf's own layout.
+    """
+    block_size = _codecs.block_layout(m, v)
+    if block_size is None:
+        return _leaf(g, m, v, count, **kwargs)
+    n = g.shape[-1]
+    direction, m, v = _leaf(
+        _codecs.to_blocks(g, block_size),
+        _codecs.in_blocks(m, block_size),
+        _codecs.in_blocks(v, block_size),
+        count,
+        **kwargs,
+    )
+    return (
+        _codecs.from_blocks(direction, n),
+        _codecs.out_of_blocks(m, n),
+        _codecs.out_of_blocks(v, n),
+    )
+
+
+def _leaf(
+    g: jax.Array,
+    m: Any,
+    v: Any,
+    count: jax.Array,
     *,
     b1: jax.typing.ArrayLike,
     b2: jax.typing.ArrayLike,
@@ -190,23 +221,49 @@ def adamax_leaf(
         )
     else:
         v_new = jnp.maximum(mag, decay * _codecs.decode(v, mag.dtype))
+    m_peak = v_peak = None
+    if _codecs.block_layout(m, v) is not None:
+        # Bounds on each block's largest |m| and floor, from the largest |g| and the
+        # largest stored |m| of the block, computed by the operations that compute m
+        # (rounding is monotone, so that they bound it): no pass over the new values.
+        g_peak = _codecs.block_peaks(gc)
+        m_old_peak = _codecs.moment_peaks(m, cdt)
+        if m_old_peak is not None:
+            m_peak = one_minus_b1 * g_peak + b1_c * m_old_peak
+        v_peak = g_peak + eps_r if eps_mode == "inside_max" else g_peak
     m_stored = _codecs.encode(
-        m_new, m, "mu", _codecs.next_scale(m, "mu", b2), salt=_precision.seed(g, count)
+        m_new,
+        m,
+        "mu",
+        _codecs.next_scale(m, "mu", b2),
+        salt=_precision.seed(g, count),
+        peak=m_peak,
     )
     v_stored = _codecs.encode(
-        v_new, v, "nu", _codecs.next_scale(v, "nu", b2), floor=None if split else mag
+        v_new,
+        v,
+        "nu",
+        _codecs.next_scale(v, "nu", b2),
+        floor=None if split else mag,
+        peak=v_peak,
     )
-    if _codecs.storage_dtype(m).itemsize < 4 or _codecs.storage_dtype(v).itemsize < 4:
+    if _codecs.block_layout(m, v) is None and (
+        _codecs.storage_dtype(m).itemsize < 4 or _codecs.storage_dtype(v).itemsize < 4
+    ):
         # A step from the unrounded moments makes XLA recompute them from the
         # old ones after the new ones have been stored over them, so that a
         # donated step first copies both old moments: two extra full-size
         # buffers and passes. The step is taken from the stored moments
-        # instead, and |g| (+ ε) is applied again so that the rounding of ν
-        # can never take the denominator below it.
+        # instead. A stored ν reads back at least |g| (+ ε) (encode compares
+        # the value read back), so that the gradient need not be read again.
+        # (Block-wise moments are stored by integer operations that XLA
+        # recomputes in the step whatever the barrier says; their step is taken
+        # from the unrounded moments, which it reads in the same pass.)
         m_stored, v_stored = _codecs.barrier(m_stored, v_stored)
         m_new = _codecs.decode(m_stored, cdt)
-        v_back = _codecs.decode(v_stored, mag.dtype)
-        v_new = _split_apply(jnp.maximum, mag, v_back) if split else jnp.maximum(mag, v_back)
+        v_new = _codecs.decode(v_stored, mag.dtype)
+        if split:
+            v_new = _split_apply(jnp.maximum, mag, v_new)
     u = v_new
 
     if corrections is None:

@@ -108,6 +108,9 @@ def _store_stochastic(value: jax.Array, previous: jax.Array, salt: jax.Array) ->
         prev = lax.bitcast_convert_type(previous, jnp.uint16).astype(jnp.uint32)
         noise = _random_bits(prev, salt, jnp.uint32(0)) >> 16
         rounded = lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
+        # Exact in bfloat16 already. (A conversion, not a bit shift: XLA would
+        # recompute a shift in the step that reads the stored μ, from the old
+        # μ after the new one has been stored over it.)
         return jnp.clip(rounded, -jnp.float32(big), jnp.float32(big)).astype(dtype)
     nearest = value.astype(dtype)
     here = nearest.astype(value.dtype)

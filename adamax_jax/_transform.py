@@ -1,5 +1,6 @@
 """AdaMax as optax transformations, the user-facing aliases and the functional step."""
 
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -300,6 +301,23 @@ def _scale_by_adamax(
         t = count if jnp.issubdtype(count.dtype, jnp.integer) else _float_count(count)
 
         corrections: dict[jnp.dtype, Any] = {}
+        # Under a trace, one traced step for every leaf of the same shapes and dtypes:
+        # a tree of many leaves is traced and lowered once per kind of leaf, not once
+        # per leaf (XLA inlines the calls, so that the program is the same). Eagerly,
+        # each operation runs as it comes, as optax's do, so that the two agree there
+        # to the bit.
+        step = functools.partial(
+            adamax_leaf,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_mode=eps_mode,
+            nesterov=nesterov,
+            complex_mode=complex_mode,
+            guard_zero=guard,
+        )
+        if any(_validation.is_traced(x) for x in jax.tree.leaves((updates, state))):
+            step = jax.jit(step)
         paths, treedef = jax.tree_util.tree_flatten_with_path(state.mu, is_leaf=_codecs_leaf)
         grads = treedef.flatten_up_to(updates)
         nus = treedef.flatten_up_to(state.nu)
@@ -326,19 +344,8 @@ def _scale_by_adamax(
             if rdt not in corrections:
                 corrections[rdt] = bias_corrections(b1, t, rdt, nesterov)
             # On Explicit axes the state's layout rules (ZeRO-1 splits it further).
-            direction, m_new, v_new = adamax_leaf(
-                reshard_like(g, _codecs.stored_values(m)),
-                m,
-                v,
-                t,
-                b1=b1,
-                b2=b2,
-                eps=eps,
-                eps_mode=eps_mode,
-                nesterov=nesterov,
-                complex_mode=complex_mode,
-                guard_zero=guard,
-                corrections=corrections[rdt],
+            direction, m_new, v_new = step(
+                reshard_like(g, _codecs.stored_values(m)), m, v, t, corrections=corrections[rdt]
             )
             if float32_updates:
                 # The aliases keep the update in the state's layout through the weight
