@@ -441,24 +441,32 @@ class _CodeMap:
 
     top: int  # the largest magnitude index
     signed: bool
-    per_binade: int | None  # codes per doubling of the int8/uint8 maps; None for float8
+    per_binade: int  # codes per doubling (binade)
+    # float8: the biased float32 exponent of binade 1 less one, whose binade 0 holds
+    # subnormals (evenly spaced from 0); None for int8/uint8 (see _first_exponent).
+    float8_exponent: int | None = None
 
 
 _MAPS: dict[jnp.dtype, _CodeMap] = {
-    # int8 and uint8: magnitude k > 0 is ``2^(k // L) (1 + (k % L) / L)`` in units
-    # of the block's smallest binade, L codes evenly spaced in every doubling (as
-    # the mantissa of a float with L values), the largest code in [2^4, 2^5) block
-    # scales (see _magnitude). int8 (L = 5) spans 2^25.4 below the block's largest
-    # value with codes 3.4 % to 20 % apart: μ's values in a block span more than
-    # ν's need, and a μ below the range is 0 and stops its parameter. uint8, for ν
-    # (L = 14), spends the sign bit on resolution: 2^18.2 with codes 3.4 % to 7.1 %
-    # apart.
+    # int8 and uint8: magnitude k > 0 is ``2^(k // L) (1 + (k % L) D 2^-23)`` in
+    # units of the block's smallest binade, with ``D = floor(2^23 / L)``: L codes
+    # evenly spaced in every doubling, as the mantissa of a float with L values;
+    # the largest code is in [2^4, 2^5) block scales (see _magnitude). int8
+    # (L = 5) spans 2^25.2 below the block's largest value with codes 11 % to 20 %
+    # apart: μ's values in a block span more than ν's need, and a μ below the
+    # range is 0 and stops its parameter. uint8, for ν (L = 14), spends the sign
+    # bit on resolution: 2^18.2 with codes 3.7 % to 7.1 % apart.
     jnp.dtype(jnp.int8): _CodeMap(top=127, signed=True, per_binade=5),
     jnp.dtype(jnp.uint8): _CodeMap(top=255, signed=False, per_binade=14),
-    # float8: the dtype's own values; the magnitude index is the bit pattern
-    # without the sign (0x7F is NaN in e4m3fn, 0x7C infinity in e5m2).
-    jnp.dtype(jnp.float8_e4m3fn): _CodeMap(top=0x7E, signed=True, per_binade=None),
-    jnp.dtype(jnp.float8_e5m2): _CodeMap(top=0x7B, signed=True, per_binade=None),
+    # float8: the dtype's own values, computed the same way (binade 0 holds the
+    # subnormals); the magnitude index is the bit pattern without the sign (0x7F
+    # is NaN in e4m3fn, 0x7C infinity in e5m2).
+    jnp.dtype(jnp.float8_e4m3fn): _CodeMap(
+        top=0x7E, signed=True, per_binade=8, float8_exponent=127 - 7
+    ),
+    jnp.dtype(jnp.float8_e5m2): _CodeMap(
+        top=0x7B, signed=True, per_binade=4, float8_exponent=127 - 15
+    ),
 }
 
 
@@ -466,14 +474,11 @@ def code_step(storage: jax.typing.DTypeLike) -> float:
     """The largest ratio between neighbouring nonzero values of an 8-bit code map.
 
     A ν stored in `storage` reads back at most this factor above the value
-    it holds (within the map's range); a rounded μ is off by at most half of
-    it. 1 + 1/5 for int8, 1 + 1/14 for uint8, 1 + 2^-3 for float8_e4m3fn and
-    1 + 2^-2 for float8_e5m2 (their normal range).
+    it holds (within the map's range, and float8's normal range); a rounded μ
+    is off by at most half of it. 1 + 1/5 for int8, 1 + 1/14 for uint8,
+    1 + 2^-3 for float8_e4m3fn and 1 + 2^-2 for float8_e5m2.
     """
-    cmap = _MAPS[jnp.dtype(storage)]
-    if cmap.per_binade is not None:
-        return 1.0 + 1.0 / cmap.per_binade
-    return 1.0 + 2.0 ** -int(jnp.finfo(storage).nmant)
+    return 1.0 + 1.0 / _MAPS[jnp.dtype(storage)].per_binade
 
 
 # The largest code of an int8 or uint8 map is worth between 2^4 and 2^5 block
@@ -484,13 +489,24 @@ _TOP_EXPONENT = 4
 
 
 def _per_binade(cmap: _CodeMap) -> int:
-    assert cmap.per_binade is not None
     return cmap.per_binade
 
 
 def _first_exponent(cmap: _CodeMap) -> int:
-    """The biased float32 exponent of the binade of magnitude indices 0 to L - 1."""
+    """The biased float32 exponent of the binade of magnitude indices 0 to L - 1.
+
+    For float8 that binade holds the subnormals instead (:func:`_subnormal_unit`).
+    """
+    if cmap.float8_exponent is not None:
+        return cmap.float8_exponent
     return 127 + _TOP_EXPONENT - cmap.top // _per_binade(cmap)
+
+
+def _subnormal_unit(cmap: _CodeMap) -> float | None:
+    """float8: the value of subnormal index 1 (indices below L are its multiples); else None."""
+    if cmap.float8_exponent is None:
+        return None
+    return 2.0 ** (cmap.float8_exponent - 126) / cmap.per_binade
 
 
 def _magnitude(k: jax.Array, cmap: _CodeMap) -> jax.Array:
@@ -508,7 +524,11 @@ def _magnitude(k: jax.Array, cmap: _CodeMap) -> jax.Array:
     binade = _divide(k, per, cmap.top)
     mantissa = _divide(k - binade * per, per, per - 1, numerator_shift=23)
     bits = ((binade + _first_exponent(cmap)) << 23) | mantissa
-    return jnp.where(k == 0, jnp.float32(0), lax.bitcast_convert_type(bits, jnp.float32))
+    normal = lax.bitcast_convert_type(bits, jnp.float32)
+    unit = _subnormal_unit(cmap)
+    if unit is None:
+        return jnp.where(k == 0, jnp.float32(0), normal)
+    return jnp.where(k < per, k.astype(jnp.float32) * jnp.float32(unit), normal)
 
 
 @functools.cache
@@ -540,6 +560,9 @@ def _divide(n: jax.Array, divisor: int, largest: int, numerator_shift: int = 0) 
 
 def _magnitude_np(k: int, cmap: _CodeMap) -> float:
     per = _per_binade(cmap)
+    unit = _subnormal_unit(cmap)
+    if unit is not None and k < per:
+        return float(np.float32(k * unit))
     bits = ((k // per + _first_exponent(cmap)) << 23) | (((k % per) << 23) // per)
     return float(np.array(bits, np.int32).view(np.float32))
 
@@ -550,9 +573,8 @@ def _smallest(cmap: _CodeMap) -> float:
 
 
 def _top_value(cmap: _CodeMap, dtype: jnp.dtype) -> float:
-    if cmap.per_binade is not None:
-        return _magnitude_np(cmap.top, cmap)
-    return float(jnp.finfo(dtype).max)
+    del dtype
+    return _magnitude_np(cmap.top, cmap)
 
 
 def _index(a: jax.Array, cmap: _CodeMap, carry: jax.Array | int) -> jax.Array:
@@ -571,13 +593,22 @@ def _index(a: jax.Array, cmap: _CodeMap, carry: jax.Array | int) -> jax.Array:
     bits = lax.bitcast_convert_type(a, jnp.int32)
     binade = (bits >> 23) - _first_exponent(cmap)
     within = ((bits & 0x7FFFFF) * per + carry) >> 23
-    return binade * per + within
+    k = binade * per + within
+    unit = _subnormal_unit(cmap)
+    if unit is None:
+        return k
+    # float8's subnormals, evenly spaced below its smallest normal value: the same
+    # carry, as a fraction of a code, on the position a / unit (exact: a power of two).
+    subnormal = a < jnp.float32(unit * per)
+    # In units of 2^-23 of a code: below L 2^23, exact in float32 and int32.
+    position = (jnp.where(subnormal, a, 0) * jnp.float32(2.0**23 / unit)).astype(jnp.int32)
+    return jnp.where(subnormal, (position + carry) >> 23, k)
 
 
 def _rank(codes: jax.Array) -> jax.Array:
     """The signed magnitude index of each code, as int32."""
     dtype = jnp.dtype(codes.dtype)
-    if _MAPS[dtype].per_binade is not None:
+    if _MAPS[dtype].float8_exponent is None:
         return codes.astype(jnp.int32)
     bits = lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.int32)
     magnitude = bits & 0x7F
@@ -586,7 +617,7 @@ def _rank(codes: jax.Array) -> jax.Array:
 
 def _codes(rank: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Codes of `dtype` from signed magnitude indices (inverse of :func:`_rank`)."""
-    if _MAPS[dtype].per_binade is not None:
+    if _MAPS[dtype].float8_exponent is None:
         return rank.astype(dtype)
     bits = jnp.abs(rank) | jnp.where(rank < 0, 0x80, 0)
     return lax.bitcast_convert_type(bits.astype(jnp.uint8), dtype)
@@ -595,8 +626,6 @@ def _codes(rank: jax.Array, dtype: jnp.dtype) -> jax.Array:
 def _value_of_rank(rank: jax.Array, storage: jnp.dtype, dtype: jnp.dtype) -> jax.Array:
     """The value of signed magnitude index `rank` in units of the block scale."""
     cmap = _MAPS[storage]
-    if cmap.per_binade is None:
-        return _codes(rank, storage).astype(dtype)
     magnitude = _magnitude(jnp.abs(rank), cmap).astype(dtype)
     return jnp.where(rank < 0, -magnitude, magnitude) if cmap.signed else magnitude
 
@@ -629,9 +658,6 @@ def _nearest_rank(x: jax.Array, storage: jnp.dtype) -> jax.Array:
     up). Values beyond the largest code saturate.
     """
     cmap = _MAPS[storage]
-    if cmap.per_binade is None:
-        big = jnp.asarray(jnp.finfo(storage).max, x.dtype)
-        return _rank(jnp.clip(x, -big, big).astype(storage))
     k = _rounded_index(jnp.abs(x), cmap, _below(cmap) + (1 << 22))
     return jnp.where(x < 0, -k, k) if cmap.signed else k
 
@@ -811,12 +837,11 @@ def moment_peaks(x: Any, dtype: jax.typing.DTypeLike) -> jax.Array | None:
     assert _blocked(x), "moment_peaks reads a moment laid out as blocks (in_blocks)."
     storage = jnp.dtype(x.codes.dtype)
     cmap = _MAPS[storage]
-    if cmap.per_binade is not None:
-        largest, least = (c.astype(jnp.int32) for c in _max_and_min(x.codes))
-        largest = jnp.maximum(largest, -least) if cmap.signed else largest
-        values = _magnitude(largest, cmap).astype(dtype)
-    else:
-        return jnp.max(jnp.abs(_decode_blockwise(x, dtype)), axis=-1)
+    # int8/uint8 codes are their ranks; float8 ranks are read from the bits.
+    ranks = x.codes if cmap.float8_exponent is None else _rank(x.codes)
+    largest, least = (c.astype(jnp.int32) for c in _max_and_min(ranks))
+    largest = jnp.maximum(largest, -least) if cmap.signed else largest
+    values = _magnitude(largest, cmap).astype(dtype)
     scale = x.scale.astype(jnp.float32).astype(dtype)
     return _times_scale(values, scale)
 
@@ -941,27 +966,13 @@ def _encode_blockwise(
         seed = blocks(jnp.broadcast_to(jnp.asarray(salt).astype(jnp.uint32), value.shape))
         previous_bits = _rank(blocks(previous.codes)).astype(jnp.uint32)
         noise = _random_bits(previous_bits, seed, jnp.uint32(0))
-        if cmap.per_binade is not None:
-            # Random bits below the cut, then truncation: the index moves up with
-            # the probability of the dropped fraction of a code (the codes between
-            # two binades are evenly spaced, so that this is unbiased). Below the
-            # smallest code, to nearest (see _index).
-            carry = (noise >> 9).astype(jnp.int32) + _below(cmap)
-            k = _rounded_index(jnp.abs(x), cmap, carry)
-            rank = jnp.where(x < 0, -k, k)
-        else:
-            rank = _nearest_rank(x, storage)
-            # The code on the other side of the value, taken with probability
-            # |x - nearest| / (the gap between the two): unbiased.
-            near = _value_of_rank(rank, storage, cdt)
-            other = jnp.clip(rank + jnp.where(x > near, 1, -1), -cmap.top, cmap.top)
-            gap = jnp.abs(_value_of_rank(other, storage, cdt) - near)
-            draw = ((noise >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)).astype(cdt)
-            # Not to or from the zero code: below a block's smallest code the gap to it is
-            # many times the value, and a draw that lands there would make a step of many
-            # learning rates; such a value rounds to nearest (0, or that code).
-            inside = (rank != 0) & (other != 0)
-            rank = jnp.where(inside & (draw * gap < jnp.abs(x - near)), other, rank)
+        # Random bits below the cut, then truncation: the index moves up with
+        # the probability of the dropped fraction of a code (the codes between
+        # two binades are evenly spaced, so that this is unbiased). Below the
+        # smallest code, to nearest (see _rounded_index).
+        carry = (noise >> 9).astype(jnp.int32) + _below(cmap)
+        k = _rounded_index(jnp.abs(x), cmap, carry)
+        rank = jnp.where(x < 0, -k, k)
     else:
         fb = vb if floor is None else blocks(floor.astype(cdt))
         base = base.astype(jnp.float32)
@@ -984,7 +995,8 @@ def _encode_blockwise(
         # A division: XLA computes it once a block, in a kernel of its own, where
         # cheaper operations would be recomputed for every value of the block.
         inv = (1 / jnp.maximum(scale, tiny)).astype(cdt)[..., None]
-        if cmap.per_binade is None:
+        if cmap.float8_exponent is not None:
+            # float8's subnormals do not move by whole binades with the scale.
             # One rounding up serves both bounds: never below this step's floor,
             # nor (within float32 rounding) below the decayed value carried over.
             target = jnp.maximum(fb, vb * jnp.asarray(1 - 2.0**-16, cdt))
