@@ -56,8 +56,9 @@ class EncodedMoment:
     With the "blockwise" codec (8-bit storage: int8, uint8, float8_e4m3fn,
     float8_e5m2) the last axis is cut into blocks of ``block_size`` values,
     each with its own float32 scale, and the moment is ``map(codes) · scale``
-    of its block; ``map`` is float8's own value for float8 codes and a
-    logarithmic map for int8 and uint8 (see :func:`adamax_jax.scale_by_adamax`).
+    of its block; ``map`` is float8's own value for float8 codes, and for
+    int8 and uint8 a map with L codes evenly spaced in every doubling (see
+    :func:`adamax_jax.scale_by_adamax`).
 
     Attributes:
         codes: The stored values, shaped like the parameter.
@@ -754,12 +755,30 @@ def _blocked(x: "EncodedMoment") -> bool:
     return jnp.ndim(x.codes) == jnp.ndim(x.scale) + 1
 
 
-def block_layout(*moments: Any) -> int | None:
-    """The block size of the first block-wise moment among `moments`, or None."""
+def first_blockwise(*moments: Any) -> "EncodedMoment | None":
+    """The first block-wise moment among `moments`, or None."""
     for x in moments:
         if is_encoded(x) and x.codec == BLOCKWISE:
-            return x.block_size
+            return x
     return None
+
+
+def block_layout(*moments: Any) -> int | None:
+    """The block size to lay a leaf out in (:func:`in_blocks`), or None to keep its layout.
+
+    That of the first block-wise moment among `moments`, where its last axis
+    is whole blocks (or one block shorter than `block_size`): the layout is
+    then a reshape, free. A last axis that ends in a part block stays as it
+    is, with each block's values reduced in windows and its scale spread over
+    its values (:func:`_spread`), where cutting it into blocks would pad every
+    array of the step, in copies.
+    """
+    x = first_blockwise(*moments)
+    if x is None:
+        return None
+    assert x.block_size is not None
+    n = x.codes.shape[-1]
+    return x.block_size if n % x.block_size == 0 or n < x.block_size else None
 
 
 def to_blocks(x: jax.Array, block_size: int) -> jax.Array:
@@ -800,12 +819,14 @@ def out_of_blocks(x: Any, n: int) -> Any:
     return _from_blocks(x, n)
 
 
-def _max_and_min(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The largest and the least value of each block of `x` laid out as blocks, in one pass.
+def _max_and_min(x: jax.Array, layout: "EncodedMoment") -> tuple[jax.Array, jax.Array]:
+    """The largest and the least value of each block of `x`, in one pass.
 
-    One variadic reduction: XLA on CPU computes it in a parallel loop as it
-    reads `x`, several times faster than ``jnp.max`` of ``|x|`` (which it
-    writes out first) or a ``jnp.max`` and a ``jnp.min``.
+    `x` is laid out as the block-wise moment `layout` is: as blocks (reduced
+    along the last axis), or as the leaf (reduced in windows of the block
+    size, the last one padded). One variadic reduction: XLA on CPU computes it
+    in a parallel loop as it reads `x`, several times faster than ``jnp.max``
+    of ``|x|`` (which it writes out first) or a ``jnp.max`` and a ``jnp.min``.
     """
 
     def both(a, b):
@@ -816,30 +837,48 @@ def _max_and_min(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     else:
         info = jnp.iinfo(x.dtype)
         low, high = jnp.asarray(info.min, x.dtype), jnp.asarray(info.max, x.dtype)
-    largest, least = lax.reduce((x, x), (low, high), both, (x.ndim - 1,))
+    if _blocked(layout):
+        return tuple(lax.reduce((x, x), (low, high), both, (x.ndim - 1,)))  # type: ignore[return-value]
+    bs = layout.block_size
+    assert bs is not None
+    n = x.shape[-1]
+    window = (1,) * (x.ndim - 1) + (bs,)
+    padding = [(0, 0)] * (x.ndim - 1) + [(0, -(-n // bs) * bs - n)]
+    largest, least = lax.reduce_window((x, x), (low, high), both, window, window, padding)
     return largest, least
 
 
-def block_peaks(x: jax.Array) -> jax.Array:
-    """The largest ``|x|`` of each block of real `x` laid out as blocks (:func:`to_blocks`)."""
-    largest, least = _max_and_min(x)
+def _spread(per_block: jax.Array, layout: "EncodedMoment") -> jax.Array:
+    """One value per block, broadcast against the values of the blocks laid out as `layout`."""
+    if _blocked(layout):
+        return per_block[..., None]
+    bs = layout.block_size
+    assert bs is not None
+    n = layout.codes.shape[-1]
+    shape = per_block.shape
+    spread = jnp.broadcast_to(per_block[..., None], shape + (bs,))
+    return spread.reshape(shape[:-1] + (shape[-1] * bs,))[..., :n]
+
+
+def block_peaks(x: jax.Array, layout: Any) -> jax.Array:
+    """The largest ``|x|`` of each block of real `x`, laid out as block-wise moment `layout`."""
+    largest, least = _max_and_min(x, layout)
     return jnp.maximum(largest, -least)
 
 
 def moment_peaks(x: Any, dtype: jax.typing.DTypeLike) -> jax.Array | None:
-    """The largest ``|decode(x)|`` of each block of a block-wise moment laid out as blocks.
+    """The largest ``|decode(x)|`` of each block of a block-wise moment.
 
     Read from the largest code magnitude of each block (see
     :func:`block_peaks`); None for any other moment.
     """
     if not (is_encoded(x) and x.codec == BLOCKWISE):
         return None
-    assert _blocked(x), "moment_peaks reads a moment laid out as blocks (in_blocks)."
     storage = jnp.dtype(x.codes.dtype)
     cmap = _MAPS[storage]
     # int8/uint8 codes are their ranks; float8 ranks are read from the bits.
     ranks = x.codes if cmap.float8_exponent is None else _rank(x.codes)
-    largest, least = (c.astype(jnp.int32) for c in _max_and_min(ranks))
+    largest, least = (c.astype(jnp.int32) for c in _max_and_min(ranks, x))
     largest = jnp.maximum(largest, -least) if cmap.signed else largest
     values = _magnitude(largest, cmap).astype(dtype)
     scale = x.scale.astype(jnp.float32).astype(dtype)
@@ -849,13 +888,8 @@ def moment_peaks(x: Any, dtype: jax.typing.DTypeLike) -> jax.Array | None:
 def _decode_blockwise(x: "EncodedMoment", dtype: jax.typing.DTypeLike) -> jax.Array:
     dtype = jnp.dtype(dtype)
     storage = jnp.dtype(x.codes.dtype)
-    assert x.block_size is not None
-    blocked = _blocked(x)
-    blocks = x.codes if blocked else _to_blocks(x.codes, x.block_size)
-    values = _value_of_rank(_rank(blocks), storage, dtype)
-    scale = x.scale.astype(jnp.float32).astype(dtype)[..., None]
-    values = _times_scale(values, scale)
-    return values if blocked else _from_blocks(values, x.codes.shape[-1])
+    values = _value_of_rank(_rank(x.codes), storage, dtype)
+    return _times_scale(values, _spread(x.scale.astype(jnp.float32).astype(dtype), x))
 
 
 def _nu_index(
@@ -866,6 +900,7 @@ def _nu_index(
     inv: jax.Array,
     s: jax.Array,
     cmap: _CodeMap,
+    layout: "EncodedMoment",
 ) -> jax.Array:
     """The new magnitude indices of a ν in an int8/uint8 map, computed on the indices.
 
@@ -877,14 +912,15 @@ def _nu_index(
     the old values nor the new ones are decoded here.
 
     Args:
-        codes: The previous codes, laid out as blocks.
-        floor: This step's ``|g|`` (+ ε), laid out as blocks.
+        codes: The previous codes, laid out as `layout`.
+        floor: This step's ``|g|`` (+ ε), laid out as `layout`.
         base: Each block's previous scale times β₂ (below float32's normal range
             for a block that holds nothing).
         scale: Each block's new scale: `base` times a power of two, or fresh.
-        inv: The reciprocal of `scale`, broadcast against the blocks.
-        s: `scale`, broadcast against the blocks.
+        inv: The reciprocal of `scale`, spread over the values (:func:`_spread`).
+        s: `scale`, spread over the values.
         cmap: The code map.
+        layout: The previous moment, whose layout the arrays have.
     """
     tiny = jnp.float32(jnp.finfo(jnp.float32).tiny)
     # floor(log2(scale / base)) from the bits: exact for a power of two, and
@@ -895,8 +931,8 @@ def _nu_index(
     kept = base >= tiny
     # Per block: how far the indices move down, and the least a nonzero index
     # can become (0 for a block that holds nothing, whose indices are dropped).
-    down = jnp.where(kept, grew * _per_binade(cmap), cmap.top + 1)[..., None]
-    least = kept.astype(jnp.int32)[..., None]
+    down = _spread(jnp.where(kept, grew * _per_binade(cmap), cmap.top + 1), layout)
+    least = _spread(kept.astype(jnp.int32), layout)
     k_prev = _rank(codes)
     if cmap.signed:
         k_prev = jnp.abs(k_prev)
@@ -942,29 +978,22 @@ def _encode_blockwise(
     cmap = _MAPS[storage]
     bs = previous.block_size
     assert bs is not None
-    n = previous.codes.shape[-1]
-    blocked = _blocked(previous)
-
-    def blocks(x: jax.Array) -> jax.Array:
-        return x if blocked else _to_blocks(x, bs)
-
+    # The values are laid out as `previous` is (as blocks, or as the leaf):
+    # one value per block is spread over its values, and blocks are reduced,
+    # in that layout.
     cdt = jnp.dtype(value.dtype)
     top = _top_value(cmap, storage)
-    vb = blocks(value)
     if role == "mu":
         if peak is None:
-            peak = jnp.max(jnp.abs(vb), axis=-1)
+            peak = block_peaks(value, previous)
         peak = peak.astype(jnp.float32)
         scale = jnp.where(peak > 0, _fit(peak, jnp.ones_like(peak), top), jnp.float32(1))
-        s = scale.astype(cdt)[..., None]
-        # Multiplied by the reciprocal (exact: a power of two), as jit would
-        # compute a division, so that eager and compiled steps agree.
-        # The scale is a power of two: its reciprocal, from the bits, is exact.
+        # The scale is a power of two: its reciprocal, from the bits, is exact
+        # (and eager and compiled steps, which could divide differently, agree).
         inv = lax.bitcast_convert_type((254 << 23) - _bits(scale), jnp.float32)
-        inv = inv.astype(cdt)[..., None]
-        x = vb * inv
-        seed = blocks(jnp.broadcast_to(jnp.asarray(salt).astype(jnp.uint32), value.shape))
-        previous_bits = _rank(blocks(previous.codes)).astype(jnp.uint32)
+        x = value * _spread(inv.astype(cdt), previous)
+        seed = jnp.broadcast_to(jnp.asarray(salt).astype(jnp.uint32), value.shape)
+        previous_bits = _rank(previous.codes).astype(jnp.uint32)
         noise = _random_bits(previous_bits, seed, jnp.uint32(0))
         # Random bits below the cut, then truncation: the index moves up with
         # the probability of the dropped fraction of a code (the codes between
@@ -974,12 +1003,12 @@ def _encode_blockwise(
         k = _rounded_index(jnp.abs(x), cmap, carry)
         rank = jnp.where(x < 0, -k, k)
     else:
-        fb = vb if floor is None else blocks(floor.astype(cdt))
+        fb = value if floor is None else floor.astype(cdt)
         base = base.astype(jnp.float32)
         # max with the zeros of `base`: the gradient's peaks take the state's
         # sharding (on Explicit mesh axes a select needs it in every operand).
         if peak is None:
-            peak = jnp.max(fb, axis=-1)
+            peak = block_peaks(fb, previous)
         peak = jnp.maximum(peak.astype(jnp.float32), jnp.zeros_like(base))
         # A scale of 0 marks a block that holds nothing yet (a fresh state, or
         # one decayed below float32's normal range): it takes a fresh power of
@@ -989,20 +1018,19 @@ def _encode_blockwise(
         fresh = jnp.where(peak > 0, _fit(peak, jnp.ones_like(base), top), zero)
         kept = jnp.where(peak > base * jnp.float32(top), _fit(peak, base, top), base)
         scale = jnp.where(base >= tiny, kept, fresh)
-        s = scale.astype(cdt)[..., None]
-        # The reciprocal of the scale, computed once, as jit computes a division
-        # by it; the rounding up below compares values read back as decode reads them.
-        # A division: XLA computes it once a block, in a kernel of its own, where
-        # cheaper operations would be recomputed for every value of the block.
-        inv = (1 / jnp.maximum(scale, tiny)).astype(cdt)[..., None]
+        s = _spread(scale.astype(cdt), previous)
+        # The reciprocal of the scale: the rounding up below compares values read
+        # back as decode reads them, so that it need not be exact. A division: XLA
+        # computes it once a block, in a kernel of its own, where cheaper
+        # operations would be recomputed for every value of the block.
+        inv = _spread((1 / jnp.maximum(scale, tiny)).astype(cdt), previous)
         if cmap.float8_exponent is not None:
             # float8's subnormals do not move by whole binades with the scale.
             # One rounding up serves both bounds: never below this step's floor,
             # nor (within float32 rounding) below the decayed value carried over.
-            target = jnp.maximum(fb, vb * jnp.asarray(1 - 2.0**-16, cdt))
-            rank = _round_up_rank(target, _nearest_rank(vb * inv, storage), storage, s, 0.0)
+            target = jnp.maximum(fb, value * jnp.asarray(1 - 2.0**-16, cdt))
+            rank = _round_up_rank(target, _nearest_rank(value * inv, storage), storage, s, 0.0)
         else:
-            rank = _nu_index(blocks(previous.codes), fb, base, scale, inv, s, cmap)
+            rank = _nu_index(previous.codes, fb, base, scale, inv, s, cmap, previous)
     codes = _codes(rank, storage)
-    codes = codes if blocked else _from_blocks(codes, n)
     return EncodedMoment(codes=codes, scale=scale, codec=BLOCKWISE, block_size=bs)

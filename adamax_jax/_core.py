@@ -222,11 +222,12 @@ def _leaf(
     else:
         v_new = jnp.maximum(mag, decay * _codecs.decode(v, mag.dtype))
     m_peak = v_peak = None
-    if _codecs.block_layout(m, v) is not None:
+    layout = _codecs.first_blockwise(m, v)
+    if layout is not None:
         # Bounds on each block's largest |m| and floor, from the largest |g| and the
         # largest stored |m| of the block, computed by the operations that compute m
         # (rounding is monotone, so that they bound it): no pass over the new values.
-        g_peak = _codecs.block_peaks(gc)
+        g_peak = _codecs.block_peaks(gc, layout)
         m_old_peak = _codecs.moment_peaks(m, cdt)
         if m_old_peak is not None:
             m_peak = one_minus_b1 * g_peak + b1_c * m_old_peak
@@ -247,7 +248,7 @@ def _leaf(
         floor=None if split else mag,
         peak=v_peak,
     )
-    if _codecs.block_layout(m, v) is None and (
+    if layout is None and (
         _codecs.storage_dtype(m).itemsize < 4 or _codecs.storage_dtype(v).itemsize < 4
     ):
         # A step from the unrounded moments makes XLA recompute them from the

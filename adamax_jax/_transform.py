@@ -127,20 +127,22 @@ def scale_by_adamax(
     bitsandbytes' 8-bit optimizers (Dettmers et al., 2022): the last axis is
     cut into blocks of `block_size` values and each block has one float32
     scale, so that the state is sharded like its parameter. float8 codes are
-    float8's own values; int8 and uint8 codes follow a logarithmic map
-    (int8: codes ``2^(1/5)`` apart, spanning ``2^25`` below the block's
-    largest value; uint8, for ν: ``2^(1/14)`` apart, spanning ``2^18``), so
-    that values far below the largest in their block keep a relative
-    precision that a linear map loses. Scales move by
-    powers of two, which these maps represent exactly. ν's scale decays by β₂
+    float8's own values; int8 and uint8 codes space L codes evenly in every
+    doubling, as a float's mantissa does (int8: L = 5, codes 11 % to 20 %
+    apart, spanning ``2^25.2`` below the block's largest value; uint8, for ν:
+    L = 14, 3.7 % to 7.1 % apart, spanning ``2^18.2``), so that values far
+    below the largest in their block keep a relative precision that a linear
+    map loses. Scales move by powers of two, which these maps represent
+    exactly. ν's scale decays by β₂
     each step: a code carried over reads back exactly decayed, and changes only
     when a gradient exceeds it; the scale grows by a power of two when one
     does not fit. ν rounds up, so that it never reads back below ``|g|`` (+ ε
     inside the max) nor below the decayed value it holds, and the step bound
     ``α (1 - β₁) / (1 - β₁/β₂)`` holds as with 32-bit state. μ takes the least
-    power-of-two scale that holds its block, rounds to nearest, and moves one
-    code towards its value where rounding would leave it stalled. A value
-    below the map's range rounds to 0 (μ) or to the smallest code (ν). Leaves
+    power-of-two scale that holds a bound on its block's values,
+    ``(1 - β₁) max|g| + β₁ max|m|``, and rounds stochastically (unbiased, a
+    deterministic draw). A value below the map's range rounds to nearest, 0
+    or the smallest code (μ), or up to the smallest code (ν). Leaves
     of fewer than 4096 values keep 8-bit moments as plain float32 arrays
     (bitsandbytes' threshold). Storage for complex parameters is refused. See
     ``docs/low_precision_8bit.md`` for the measurements.

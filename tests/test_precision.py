@@ -784,9 +784,9 @@ def test_int8_uint8_state_tracks_float32_over_10000_steps(scenario):
     """The best 8-bit state (int8 μ, uint8 ν): u never below float32's, drift within its codes.
 
     Leaves of 4096 values are the smallest stored block-wise. ν rounds up, by
-    less than one uint8 code (2^(1/14), 5.1 %) where its value is within the
+    less than one uint8 code (at most 1/14, 7.1 %) where its value is within the
     map's range (above its smallest code); the displacement takes ν's rounding
-    and at most half an int8 code (2^(1/5), 14.9 %) of μ's.
+    and at most half an int8 code (at most 1/5, 20 %) of μ's.
     """
     from adamax_jax._codecs import code_step
 
