@@ -245,9 +245,12 @@ def next_scale(x: Any, role: Role, b2: jax.typing.ArrayLike) -> jax.Array | None
     """The scale for this step's store of a scaled ν; None for a plain moment.
 
     The decay is carried by the scale: ``s' = s β₂ 2^j`` with ``j >= 0`` the
-    smallest that keeps ``s' >= 1``, so that a stored value that is not
+    smallest that keeps ``s' >= T``, so that a stored value that is not
     replaced is multiplied by the exact power of two ``2^-j`` (once every
-    ``log 2 / -log β₂`` steps) and keeps its bits.
+    ``log 2 / -log β₂`` steps) and keeps its bits. T is 1, and for bfloat16
+    codes the float32 maximum over bfloat16's (1.0039): then every finite
+    float32 value divided by the scale is within bfloat16's range, and a
+    stored ν never saturates below the gradient it holds (:func:`holds_floor`).
 
     Args:
         x: The stored moment.
@@ -264,13 +267,39 @@ def next_scale(x: Any, role: Role, b2: jax.typing.ArrayLike) -> jax.Array | None
         # μ takes a fresh scale from its values in `encode`; ν's decays here.
         return scale * jnp.asarray(b2, jnp.float32) if role == "nu" else scale
     decayed = scale * jnp.asarray(b2, jnp.float32) if role == "nu" else scale
-    # The least 2^j with j >= 0 that takes the decayed scale to at least 1, added to
-    # its exponent. β₂ = 0 (or one that takes it below float32's normal range)
-    # leaves nothing to decay: any scale will do; take 1.
+    # The least 2^j with j >= 0 that takes the decayed scale (m 2^e, m in [1, 2)) to at
+    # least T, added to its exponent. β₂ = 0 (or one that takes it below float32's
+    # normal range) leaves nothing to decay: any scale will do; take 2 (at least T).
+    least = _least_scale(x.codes.dtype)
     normal = decayed >= jnp.float32(jnp.finfo(jnp.float32).tiny)
-    _, exponent = _split_mantissa(jnp.where(normal, decayed, jnp.float32(1)))
-    up = lax.bitcast_convert_type(_bits(decayed) + (jnp.maximum(-exponent, 0) << 23), jnp.float32)
-    return jnp.where(normal, up, jnp.float32(1))
+    mantissa, exponent = _split_mantissa(jnp.where(normal, decayed, jnp.float32(1)))
+    j = jnp.maximum(-exponent + (mantissa < jnp.float32(least)).astype(jnp.int32), 0)
+    up = lax.bitcast_convert_type(_bits(decayed) + (j << 23), jnp.float32)
+    return jnp.where(normal, up, jnp.float32(2))
+
+
+def _least_scale(codes: jax.typing.DTypeLike) -> float:
+    """The least scale :func:`next_scale` keeps for codes of `codes`: T in [1, 2)."""
+    if jnp.dtype(codes) == jnp.bfloat16:
+        f32_max, bf16_max = float(jnp.finfo(jnp.float32).max), float(jnp.finfo(jnp.bfloat16).max)
+        return float(np.nextafter(np.float32(f32_max / bf16_max), np.float32(2)))
+    return 1.0
+
+
+def holds_floor(x: Any, dtype: jax.typing.DTypeLike) -> bool:
+    """Whether a stored ν read back in `dtype` is never below the floor it was stored with.
+
+    True where storing cannot saturate: bfloat16 ν with its scale of at least
+    1.0039 (:func:`next_scale`) for float32 values, and a plain ν of `dtype`
+    itself. A float16 ν saturates past 65504 times its scale, and a plain ν
+    of a narrower dtype rounds; the step then takes ``max(|g|, ν)`` again.
+    """
+    dtype = jnp.dtype(dtype)
+    if is_encoded(x):
+        return (
+            x.codec == SCALED and jnp.dtype(x.codes.dtype) == jnp.bfloat16 and dtype == jnp.float32
+        )
+    return jnp.dtype(x.dtype) == dtype
 
 
 def _uint_of(dtype: jnp.dtype) -> jnp.dtype:

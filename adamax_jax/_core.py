@@ -255,16 +255,20 @@ def _leaf(
         # old ones after the new ones have been stored over them, so that a
         # donated step first copies both old moments: two extra full-size
         # buffers and passes. The step is taken from the stored moments
-        # instead. A stored ν reads back at least |g| (+ ε) (encode compares
-        # the value read back), so that the gradient need not be read again.
-        # (Block-wise moments are stored by integer operations that XLA
-        # recomputes in the step whatever the barrier says; their step is taken
-        # from the unrounded moments, which it reads in the same pass.)
+        # instead. Where a stored ν reads back at least |g| (+ ε) (encode compares
+        # the value read back, and a bfloat16 ν cannot saturate), the gradient
+        # need not be read again; elsewhere (a float16 ν saturates at 65504 times
+        # its scale) |g| (+ ε) is applied again. (Block-wise moments are stored by
+        # integer operations that XLA recomputes in the step whatever the barrier
+        # says; their step is taken from the unrounded moments, which it reads in
+        # the same pass.)
         m_stored, v_stored = _codecs.barrier(m_stored, v_stored)
         m_new = _codecs.decode(m_stored, cdt)
         v_new = _codecs.decode(v_stored, mag.dtype)
         if split:
             v_new = _split_apply(jnp.maximum, mag, v_new)
+        elif not _codecs.holds_floor(v_stored, mag.dtype):
+            v_new = jnp.maximum(mag, v_new)
     u = v_new
 
     if corrections is None:

@@ -110,10 +110,18 @@ def test_scaled_representation_only_for_low_precision_nu(param_dtype, mu_dtype, 
     if not scaled:
         assert not isinstance(state.nu, ax.EncodedMoment)
         return
+    from adamax_jax._codecs import _least_scale
+
     scales = np.asarray(scales)
     assert scales.dtype == np.float32
-    assert np.all((scales >= 1.0) & (scales < 2.0))
-    # s·β₂ falls below 1 on the first step and every log(2)/log(1/β₂) ≈ 693
+    # From 1 at init, the scale stays in [T, 2T): T = 1, and for bfloat16 the
+    # float32 maximum over bfloat16's, so that no float32 value saturates.
+    codes = jnp.dtype(state.nu.codes.dtype)
+    least = _least_scale(codes)
+    assert least == (1.0 if codes != jnp.bfloat16 else pytest.approx(1.0039, abs=1e-4))
+    assert scales[0] == 1.0
+    assert np.all((scales[1:] >= least) & (scales[1:] < 2 * least))
+    # s·β₂ falls below T on the first step and every log(2)/log(1/β₂) ≈ 693
     # steps after: each time, s doubles.
     expected = 1 + int(1499 * np.log(B2) / np.log(0.5))
     assert np.sum(np.diff(scales) > 0) == expected == 3
