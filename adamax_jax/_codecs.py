@@ -649,7 +649,7 @@ def _codes(rank: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Codes of `dtype` from signed magnitude indices (inverse of :func:`_rank`)."""
     if _MAPS[dtype].float8_exponent is None:
         return rank.astype(dtype)
-    bits = jnp.abs(rank) | jnp.where(rank < 0, 0x80, 0)
+    bits = jnp.abs(rank) | jnp.where(rank < 0, jnp.int32(0x80), jnp.int32(0))
     return lax.bitcast_convert_type(bits.astype(jnp.uint8), dtype)
 
 
