@@ -314,6 +314,7 @@ def encode(
     floor: jax.Array | None = None,
     salt: jax.typing.ArrayLike = 0,
     peak: jax.Array | None = None,
+    held: jax.Array | None = None,
 ) -> Any:
     """Stores `value` in the layout and dtype of `previous`.
 
@@ -337,13 +338,19 @@ def encode(
         peak: For a block-wise moment, at least the largest ``|value|`` (μ) or
             `floor` (ν) of each block, shaped like its scale (:func:`block_peaks`);
             None to compute it from the values.
+        held: For a block-wise ν, at least the largest decayed value ``β₂ u`` of
+            each block, shaped like its scale (β₂ times :func:`moment_peaks` of
+            `previous`); None where the block-wise ν held nothing (a fresh
+            state). A block whose scale decays below float32's normal range
+            takes a fresh scale that holds it, so that its decayed values are
+            kept.
 
     Returns:
         The stored moment, in the layout of `previous`.
     """
     if is_encoded(previous) and previous.codec == BLOCKWISE:
         assert scale is not None
-        return _encode_blockwise(value, previous, role, scale, floor, salt, peak)
+        return _encode_blockwise(value, previous, role, scale, floor, salt, peak, held)
     plain = previous.codes if is_encoded(previous) else previous
     dtype = plain.dtype
     if role == "mu":
@@ -987,6 +994,7 @@ def _encode_blockwise(
     floor: jax.Array | None,
     salt: jax.typing.ArrayLike = 0,
     peak: jax.Array | None = None,
+    held: jax.Array | None = None,
 ) -> "EncodedMoment":
     """Stores `value` block-wise in the codes dtype of `previous`.
 
@@ -1044,9 +1052,16 @@ def _encode_blockwise(
         # two from its first nonzero gradient.
         tiny = jnp.float32(jnp.finfo(jnp.float32).tiny)
         zero = jnp.zeros_like(base)
-        fresh = jnp.where(peak > 0, _fit(peak, jnp.ones_like(base), top), zero)
+        # A block whose scale decayed below float32's normal range (its values
+        # may still be normal numbers, up to the top code times 2^-126) takes a
+        # fresh scale that holds its decayed values as well as this step's floor,
+        # and its codes are computed afresh from the values: dropping them would
+        # leave u far below the decayed value, and the next step unbounded.
+        fresh_peak = peak if held is None else jnp.maximum(peak, held.astype(jnp.float32))
+        fresh = jnp.where(fresh_peak > 0, _fit(fresh_peak, jnp.ones_like(base), top), zero)
         kept = jnp.where(peak > base * jnp.float32(top), _fit(peak, base, top), base)
-        scale = jnp.where(base >= tiny, kept, fresh)
+        renewed = base < tiny
+        scale = jnp.where(renewed, fresh, kept)
         s = _spread(scale.astype(cdt), previous)
         # The reciprocal of the scale: the rounding up below compares values read
         # back as decode reads them, so that it need not be exact. A division: XLA
@@ -1060,6 +1075,9 @@ def _encode_blockwise(
             target = jnp.maximum(fb, value * jnp.asarray(1 - 2.0**-16, cdt))
             rank = _round_up_rank(target, _nearest_rank(value * inv, storage), storage, s, 0.0)
         else:
+            # A renewed block's codes hold the values (its decayed ones included),
+            # rounded up; the carried indices are dropped with its old scale.
+            fb = jnp.where(_spread(renewed, previous), jnp.maximum(fb, value), fb)
             rank = _nu_index(previous.codes, fb, base, scale, inv, s, cmap, previous)
     codes = _codes(rank, storage)
     return EncodedMoment(codes=codes, scale=scale, codec=BLOCKWISE, block_size=bs)

@@ -221,7 +221,7 @@ def _leaf(
         )
     else:
         v_new = jnp.maximum(mag, decay * _codecs.decode(v, mag.dtype))
-    m_peak = v_peak = None
+    m_peak = v_peak = v_held = None
     layout = _codecs.first_blockwise(m, v)
     if layout is not None:
         # Bounds on each block's largest |m| and floor, from the largest |g| and the
@@ -232,6 +232,11 @@ def _leaf(
         if m_old_peak is not None:
             m_peak = one_minus_b1 * g_peak + b1_c * m_old_peak
         v_peak = g_peak + eps_r if eps_mode == "inside_max" else g_peak
+        v_old_peak = _codecs.moment_peaks(v, mag.dtype)
+        if v_old_peak is not None:
+            # A bound on each block's decayed values, for a block whose scale
+            # decays below float32's normal range (see _codecs.encode).
+            v_held = decay * v_old_peak
     m_stored = _codecs.encode(
         m_new,
         m,
@@ -247,6 +252,7 @@ def _leaf(
         _codecs.next_scale(v, "nu", b2),
         floor=None if split else mag,
         peak=v_peak,
+        held=v_held,
     )
     if layout is None and (
         _codecs.storage_dtype(m).itemsize < 4 or _codecs.storage_dtype(v).itemsize < 4

@@ -413,10 +413,27 @@ def _check_eight_bit_dtypes(mu_name: str, mu_dtype: Any, nu_name: str, nu_dtype:
 
 
 def check_eight_bit_params(params: Any, mu_dtype: Any, nu_dtype: Any) -> None:
-    """Raises ValueError naming complex leaves when a moment is stored in 8 bits."""
+    """Raises ValueError naming complex or float64 leaves when a moment is stored in 8 bits.
+
+    Block scales and the values read back are float32 (as are the plain
+    moments of small leaves): a float64 value past float32's range could not
+    be stored, and the steps after it would not keep the step bound.
+    """
     names = [n for n, v in (("mu_dtype", mu_dtype), ("nu_dtype", nu_dtype)) if _is_eight_bit(v)]
     if not names:
         return
+    wide = [
+        path or "<root>"
+        for path, leaf in _paths(params).items()
+        if leaf is not None and _dtype(leaf) == jnp.float64
+    ]
+    if wide:
+        raise ValueError(
+            f"8-bit storage ({', '.join(f'`{n}`' for n in names)}) keeps float32 block scales; "
+            f"these leaves are float64: {', '.join(wide)}, whose values can pass float32's "
+            "range. Store their moments in float64 or float32 (an `optax.multi_transform` "
+            "can give them their own optimizer), or train them in float32."
+        )
     bad = [
         path or "<root>"
         for path, leaf in _paths(params).items()
