@@ -61,22 +61,7 @@ def test_float8_eager_step_under_x64_does_not_crash():
     int32 magnitudes, run eagerly, crashes XLA's CPU compiler. The step must run
     and give -α at t = 1. (Run in a subprocess: the crash takes the interpreter.)
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    done = subprocess.run(
-        [sys.executable, "-c", _X64_FLOAT8],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
-    assert done.stdout.strip().endswith("ok")
+    _run_script(_X64_FLOAT8)
 
 
 EIGHT_BIT_NU = [jnp.int8, jnp.uint8, jnp.float8_e4m3fn, jnp.float8_e5m2]
@@ -143,6 +128,11 @@ def test_8_bit_state_for_float64_parameters_is_refused():
     step was 1.1e261 learning rates, where the bound is α (1 - β₁)/(1 - β₁/β₂)
     ≈ 1.0. As for complex parameters, ``init`` refuses it.
     """
+    _run_script(_X64_FLOAT64_PARAMS)
+
+
+def _run_script(script: str) -> None:
+    """Runs `script` in a fresh interpreter (x64 is process-wide); it must print "ok"."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
@@ -150,7 +140,7 @@ def test_8_bit_state_for_float64_parameters_is_refused():
     )
     env["JAX_PLATFORMS"] = "cpu"
     done = subprocess.run(
-        [sys.executable, "-c", _X64_FLOAT64_PARAMS],
+        [sys.executable, "-c", script],
         env=env,
         capture_output=True,
         text=True,
@@ -158,3 +148,4 @@ def test_8_bit_state_for_float64_parameters_is_refused():
         check=False,
     )
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip().endswith("ok"), done.stdout[-2000:]
