@@ -700,19 +700,16 @@ def _nearest_rank(x: jax.Array, storage: jnp.dtype) -> jax.Array:
 
 
 def _round_up_rank(
-    target: jax.Array, rank: jax.Array, storage: jnp.dtype, scale: jax.Array, tolerance: float
+    target: jax.Array, rank: jax.Array, storage: jnp.dtype, scale: jax.Array
 ) -> jax.Array:
     """`rank` (within one code of non-negative `target`), moved up where it reads back below.
 
     The value read back is computed as :func:`decode` computes it (the code's
-    value times the block's `scale`, broadcast). With a `tolerance`
-    (relative), values within it below `target` count as `target`: a code
-    decayed by its scale reads back a few float32 roundings off the value it
-    stands for, and must not be pushed up a code for it.
+    value times the block's `scale`, broadcast).
     """
     cmap = _MAPS[storage]
     back = _times_scale(_value_of_rank(rank, storage, target.dtype), scale)
-    below = back < target * jnp.asarray(1 - tolerance, target.dtype)
+    below = back < target
     return jnp.where(below, jnp.minimum(rank + 1, cmap.top), rank)
 
 
@@ -725,23 +722,6 @@ def _times_scale(values: jax.Array, scale: jax.Array) -> jax.Array:
     """
     big = jnp.asarray(jnp.finfo(values.dtype).max, values.dtype)
     return jnp.clip(values * scale, -big, big)
-
-
-def _to_blocks(x: jax.Array, block_size: int) -> jax.Array:
-    """`x` with its last axis cut into blocks: shape ``(..., n_blocks, block_size)``."""
-    n = x.shape[-1]
-    # A last axis shorter than a block is one block, with nothing to pad.
-    block_size = min(block_size, n)
-    n_blocks = -(-n // block_size)
-    pad = n_blocks * block_size - n
-    if pad:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return x.reshape(x.shape[:-1] + (n_blocks, block_size))
-
-
-def _from_blocks(x: jax.Array, n: int) -> jax.Array:
-    x = x.reshape(x.shape[:-2] + (-1,))
-    return x if x.shape[-1] == n else x[..., :n]
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -818,17 +798,20 @@ def block_layout(*moments: Any) -> int | None:
 
 
 def to_blocks(x: jax.Array, block_size: int) -> jax.Array:
-    """Array `x` with its last axis cut into blocks of `block_size`, the last one padded with 0.
+    """Array `x` with its last axis cut into blocks: shape ``(..., n_blocks, block_size)``.
 
-    The shape is ``(..., n_blocks, block_size)`` (one block of the whole axis
-    where it is shorter than a block).
+    The last axis is whole blocks, or one block shorter than `block_size`
+    (:func:`block_layout`): a reshape, with nothing to pad.
     """
-    return _to_blocks(x, block_size)
+    n = x.shape[-1]
+    size = min(block_size, n)
+    assert n % size == 0, f"{n} values are not whole blocks of {size}"
+    return x.reshape(x.shape[:-1] + (n // size, size))
 
 
 def from_blocks(x: jax.Array, n: int) -> jax.Array:
     """The inverse of :func:`to_blocks` for a last axis of `n` values."""
-    return _from_blocks(x, n)
+    return x.reshape(x.shape[:-2] + (n,))
 
 
 def in_blocks(x: Any, block_size: int) -> Any:
@@ -844,15 +827,15 @@ def in_blocks(x: Any, block_size: int) -> Any:
     if is_encoded(x):
         size = x.block_size if x.codec == BLOCKWISE else block_size
         assert size is not None
-        return dataclasses.replace(x, codes=_to_blocks(x.codes, size))
-    return _to_blocks(x, block_size)
+        return dataclasses.replace(x, codes=to_blocks(x.codes, size))
+    return to_blocks(x, block_size)
 
 
 def out_of_blocks(x: Any, n: int) -> Any:
     """The inverse of :func:`in_blocks` for a last axis of `n` values."""
     if is_encoded(x):
-        return dataclasses.replace(x, codes=_from_blocks(x.codes, n))
-    return _from_blocks(x, n)
+        return dataclasses.replace(x, codes=from_blocks(x.codes, n))
+    return from_blocks(x, n)
 
 
 def _max_and_min(x: jax.Array, layout: "EncodedMoment") -> tuple[jax.Array, jax.Array]:
@@ -1073,7 +1056,7 @@ def _encode_blockwise(
             # One rounding up serves both bounds: never below this step's floor,
             # nor (within float32 rounding) below the decayed value carried over.
             target = jnp.maximum(fb, value * jnp.asarray(1 - 2.0**-16, cdt))
-            rank = _round_up_rank(target, _nearest_rank(value * inv, storage), storage, s, 0.0)
+            rank = _round_up_rank(target, _nearest_rank(value * inv, storage), storage, s)
         else:
             # A renewed block's codes hold the values (its decayed ones included),
             # rounded up; the carried indices are dropped with its old scale.

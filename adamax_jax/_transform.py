@@ -144,7 +144,8 @@ def scale_by_adamax(
     deterministic draw). A value below the map's range rounds to nearest, 0
     or the smallest code (μ), or up to the smallest code (ν). Leaves
     of fewer than 4096 values keep 8-bit moments as plain float32 arrays
-    (bitsandbytes' threshold). Storage for complex parameters is refused. See
+    (bitsandbytes' threshold). 8-bit storage for complex or float64 parameters
+    is refused at ``init``. See
     ``docs/low_precision_8bit.md`` for the measurements.
 
     Args:
