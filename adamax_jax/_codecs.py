@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from adamax_jax._precision import _random_bits, below_32_bits, store_moment
-from adamax_jax._sharding import zeros_like
+from adamax_jax._sharding import explicit_sharding, zeros_like
 
 Role = Literal["mu", "nu"]
 
@@ -115,8 +115,28 @@ def _block_scales(p: Any, block_size: int, fill: float) -> jax.Array:
                 pass
         return jnp.full(shape, fill, jnp.float32)
     # One value per block, read from `p`, so that under jit the scales follow
-    # the sharding of the parameter along every axis.
-    return zeros_like(jnp.asarray(p)[..., ::block_size], jnp.dtype(jnp.float32)) + jnp.float32(fill)
+    # the sharding of the parameter along every axis. On Explicit axes the
+    # slice names its sharding, that of `p` (its shards hold whole blocks, see
+    # _validation.check_block_shards), or an eager slice is refused.
+    p = jnp.asarray(p)
+    explicit = explicit_sharding(p)
+    if explicit is None:
+        firsts = p[..., ::block_size]
+    else:
+        firsts = p.at[..., ::block_size].get(out_sharding=explicit)
+    return zeros_like(firsts, jnp.dtype(jnp.float32)) + jnp.float32(fill)
+
+
+def is_blockwise(shape: tuple[int, ...], block_size: int) -> bool:
+    """Whether 8-bit moments of a parameter of `shape` are stored block-wise.
+
+    Not for leaves of fewer than :data:`MIN_BLOCKWISE_SIZE` values, nor for
+    leaves whose last axis is shorter than :data:`MIN_BLOCK_VALUES` (or than
+    the block size, if smaller): those are plain float32 arrays.
+    """
+    if len(shape) == 0 or shape[-1] < min(block_size, MIN_BLOCK_VALUES):
+        return False
+    return int(np.prod(shape)) >= MIN_BLOCKWISE_SIZE
 
 
 def init_moment(
@@ -131,8 +151,7 @@ def init_moment(
     """
     dtype = jnp.dtype(storage_dtype)
     if dtype in EIGHT_BIT:
-        short = len(p.shape) == 0 or p.shape[-1] < min(block_size, MIN_BLOCK_VALUES)
-        if int(np.prod(p.shape)) < MIN_BLOCKWISE_SIZE or short:
+        if not is_blockwise(tuple(p.shape), block_size):
             return zeros_like(p, jnp.dtype(jnp.float32))
         return EncodedMoment(
             codes=zeros_like(p, dtype),

@@ -55,6 +55,32 @@ def _normalized_spec(spec: Any, ndim: int) -> tuple[tuple[str, ...], ...]:
     return tuple(entries + [()] * (ndim - len(entries)))
 
 
+def explicit_sharding(x: Any) -> NamedSharding | None:
+    """The sharding of `x` where it is part of its type (``Explicit`` mesh axes), else None.
+
+    `x` is an array, a tracer or a ``jax.ShapeDtypeStruct``; anything else
+    (a NumPy array, a Python number) has none.
+    """
+    if isinstance(x, jax.Array):
+        sharding = jax.typeof(x).sharding
+    else:
+        sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.explicit_axes:
+        return sharding
+    return None
+
+
+def explicit_shards(x: Any) -> tuple[tuple[str, ...], int]:
+    """The ``Explicit`` mesh axes that split the last axis of `x`, and into how many shards."""
+    sharding = explicit_sharding(x)
+    ndim = len(jnp.shape(x))
+    if sharding is None or ndim == 0:
+        return (), 1
+    explicit = set(sharding.mesh.explicit_axes)
+    axes = tuple(a for a in _normalized_spec(sharding.spec, ndim)[-1] if a in explicit)
+    return axes, math.prod(sharding.mesh.shape[a] for a in axes)
+
+
 def reshard_like(x: Any, like: Any) -> Any:
     """`x` resharded to the layout of `like`, where that layout is on ``Explicit`` axes.
 
@@ -76,15 +102,13 @@ def reshard_like(x: Any, like: Any) -> Any:
     """
     if x is None or like is None:
         return x
-    target = jax.typeof(like).sharding
-    if not isinstance(target, NamedSharding) or not target.mesh.explicit_axes:
+    target = explicit_sharding(like)
+    if target is None:
         return x
     ndim = len(jnp.shape(like))
-    source = jax.typeof(x).sharding
-    if (
-        isinstance(source, NamedSharding)
-        and source.mesh.explicit_axes
-        and _normalized_spec(source.spec, ndim) == _normalized_spec(target.spec, ndim)
+    source = explicit_sharding(x)
+    if source is not None and _normalized_spec(source.spec, ndim) == _normalized_spec(
+        target.spec, ndim
     ):
         return x
     return jax.sharding.reshard(x, target)

@@ -266,6 +266,7 @@ def _scale_by_adamax(
             return _codecs.init_moment(p, dtype, "nu", block_size)
 
         _validation.check_eight_bit_params(params, mu_dtype, nu_dtype)
+        _validation.check_block_shards(params, mu_dtype, nu_dtype, block_size, _codecs.is_blockwise)
 
         return ScaleByAdamaxState(
             count=jnp.zeros([], jnp.int32),

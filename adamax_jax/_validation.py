@@ -13,7 +13,7 @@ import decimal
 import fractions
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import core
 
+from adamax_jax._sharding import explicit_shards
 from adamax_jax._tree import is_leaf
 
 INT32_MAX = int(np.iinfo(np.int32).max)
@@ -444,6 +445,53 @@ def check_eight_bit_params(params: Any, mu_dtype: Any, nu_dtype: Any) -> None:
             f"8-bit storage ({', '.join(f'`{n}`' for n in names)}) is for real parameters; "
             f"these leaves are complex: {', '.join(bad)}. Store their moments in a floating "
             "dtype (an `optax.multi_transform` can give them their own optimizer)."
+        )
+
+
+def check_block_shards(
+    params: Any,
+    mu_dtype: Any,
+    nu_dtype: Any,
+    block_size: int,
+    blockwise: Callable[[tuple[int, ...], int], bool],
+) -> None:
+    """Raises ValueError naming leaves whose shards would split an 8-bit block.
+
+    On ``Explicit`` mesh axes each shard of a block-wise moment must hold
+    whole blocks along the last axis: a block's scale is its largest value,
+    and a block across two shards would need the other shard's values (a
+    collective in every step), which the sharding types refuse.
+
+    Args:
+        params: The parameters, as passed to ``init``.
+        mu_dtype: The storage dtype of μ (or None).
+        nu_dtype: The storage dtype of ν (or None).
+        block_size: Values per block along the last axis.
+        blockwise: Whether a leaf of a shape is stored block-wise (given the block size).
+    """
+    names = [n for n, v in (("mu_dtype", mu_dtype), ("nu_dtype", nu_dtype)) if _is_eight_bit(v)]
+    if not names:
+        return
+    bad = []
+    for path, leaf in _paths(params).items():
+        if leaf is None or not blockwise(tuple(jnp.shape(leaf)), block_size):
+            continue
+        axes, shards = explicit_shards(leaf)
+        width = jnp.shape(leaf)[-1] // shards
+        if shards > 1 and width % block_size:
+            fits = max(d for d in range(1, min(width, block_size) + 1) if width % d == 0)
+            bad.append(
+                f"`params{path}` (last axis {jnp.shape(leaf)[-1]} split over {axes} into "
+                f"{shards} shards of {width}; a `block_size` of {fits} divides them)"
+            )
+    if bad:
+        raise ValueError(
+            f"8-bit storage ({', '.join(f'`{n}`' for n in names)}) keeps one scale per block "
+            f"of `block_size` ({block_size}) values along the last axis, and on Explicit mesh "
+            "axes every shard must hold whole blocks; these do not: "
+            + "; ".join(bad)
+            + ". Choose such a `block_size`, shard another axis, or keep these leaves' moments "
+            "in 16 or 32 bits (an `optax.multi_transform` can give them their own optimizer)."
         )
 
 

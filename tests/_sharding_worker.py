@@ -395,6 +395,61 @@ def check_zero1(mode, layout, name, results, arrays):
     store(single, f"zero1/{mode}/{layout}/{name}/single", arrays, results["dtypes"])
 
 
+def _placed_alike(a, b):
+    """Whether every array of `a` is sharded as the same array of `b`."""
+    return all(
+        jax.tree.leaves(jax.tree.map(lambda x, y: equivalent(x.sharding, y.sharding, x.ndim), a, b))
+    )
+
+
+def check_explicit_blocks(results, arrays):
+    """8-bit state on Explicit axes: an eager `init` and `update` place it as jit does; a
+    last axis whose shards would split a block is refused, naming the leaf; a block
+    size that divides the shards trains like one device, with no collectives."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    opt = optimizers()["adamax-int8-state"][0]()
+    shapes = {k: shape for k, (shape, _) in LAYOUT.items()}
+    shardings = {k: NamedSharding(mesh, spec) for k, (_, spec) in LAYOUT.items()}
+    # 1040 over "model" (4) is 260 a shard: not whole blocks of 256, whole blocks of 130.
+    wide_sh = {"k": NamedSharding(mesh, P("data", "model"))}
+    host_wide = host_tree({"k": (8, 1040)}, jnp.float32, 0)
+    host_wide_grads = [host_tree({"k": (8, 1040)}, jnp.float32, 1 + i) for i in range(STEPS)]
+    record = {}
+    with jax.set_mesh(mesh):
+        params = put(host_tree(shapes, jnp.float32, 0), shardings)
+        grads = put(host_tree(shapes, jnp.float32, 1), shardings)
+        eager, jitted = opt.init(params), jax.jit(opt.init)(params)
+        record["eager_block_scales"] = block_scales(eager)
+        record["eager_init_placed_like_jit"] = _placed_alike(eager, jitted)
+        eager_out = opt.update(grads, eager, params)
+        record["eager_update_placed_like_jit"] = _placed_alike(
+            eager_out, jax.jit(opt.update)(grads, jitted, params)
+        )
+        wide = put(host_wide, wide_sh)
+        for how, init in (("eager", opt.init), ("jit", jax.jit(opt.init))):
+            try:
+                init(wide)
+                record[f"straddling_{how}"] = None
+            except ValueError as e:
+                record[f"straddling_{how}"] = str(e)
+        fitted = ax.adamax(LEARNING_RATE, mu_dtype=jnp.int8, nu_dtype=jnp.uint8, block_size=130)
+        state = jax.jit(fitted.init)(wide)
+        record["fitted_block_scales"] = block_scales(state)
+        record["fitted_eager_init_placed_like_jit"] = _placed_alike(fitted.init(wide), state)
+        step = jax.jit(step_fn(fitted))
+        compiled = step.lower(put(host_wide_grads[0], wide_sh), state, wide).compile()
+        record["fitted_collectives"] = sorted(set(COLLECTIVES.findall(compiled.as_text())))
+        out = run_steps(fitted, wide, state, [put(g, wide_sh) for g in host_wide_grads], step)
+    results["explicit_blocks"] = record
+    store(out, "explicit_blocks/sharded", arrays, results["dtypes"])
+    store(
+        run_single(fitted, host_wide, host_wide_grads),
+        "explicit_blocks/single",
+        arrays,
+        results["dtypes"],
+    )
+
+
 def main(out_dir: str) -> None:
     if jax.device_count() != DEVICES:
         sys.exit(f"needs {DEVICES} devices (XLA_FLAGS), found {jax.device_count()}")
@@ -407,6 +462,7 @@ def main(out_dir: str) -> None:
     check_optax_control(results)
     for case in ZERO1_CASES:
         check_zero1(*case, results, arrays)
+    check_explicit_blocks(results, arrays)
     out = Path(out_dir)
     np.savez(out / "arrays.npz", **arrays)
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -513,3 +513,29 @@ def test_a_port_taken_before_the_coordinator_binds_it_is_retried(monkeypatch, tm
         run_processes(tmp_path)
     # Any other failure is not retried.
     assert calls == [None]
+
+
+def test_eager_init_and_update_on_explicit_axes_place_8_bit_state_as_jit_does(sharded):
+    record = sharded[0]["explicit_blocks"]
+    assert set(record["eager_block_scales"]) == {"mu['k']", "nu['k']"}
+    assert all(record["eager_block_scales"].values()), record["eager_block_scales"]
+    assert record["eager_init_placed_like_jit"]
+    assert record["eager_update_placed_like_jit"]
+
+
+@pytest.mark.parametrize("how", ["eager", "jit"])
+def test_explicit_shards_that_split_an_8_bit_block_are_refused_naming_the_leaf(sharded, how):
+    message = sharded[0]["explicit_blocks"][f"straddling_{how}"]
+    assert message is not None, "a block split over two shards was accepted"
+    for part in ("params['k']", "1040", "('model',)", "4 shards of 260", "`block_size` of 130"):
+        assert part in message, (part, message)
+
+
+def test_a_block_size_that_divides_the_shards_trains_like_one_device(sharded):
+    results, arrays = sharded
+    record = results["explicit_blocks"]
+    assert set(record["fitted_block_scales"]) == {"mu['k']", "nu['k']"}
+    assert all(record["fitted_block_scales"].values()), record["fitted_block_scales"]
+    assert record["fitted_eager_init_placed_like_jit"]
+    assert record["fitted_collectives"] == []
+    _close_to_single(arrays, results["dtypes"], "explicit_blocks/sharded", "explicit_blocks/single")
