@@ -409,6 +409,12 @@ def _store_up(q: jax.Array, s: jax.Array, floor: jax.Array, dtype: jnp.dtype) ->
     big = jnp.asarray(jnp.finfo(dtype).max, rdt)
     q = jnp.clip(q, -big, big)
     if dtype == jnp.bfloat16 and rdt == jnp.float32:
+        # A nonzero floor below float32's smallest normal number times the scale
+        # would give a subnormal code, which XLA reads back as 0 (it flushes
+        # subnormals): it takes that smallest normal number instead, read back
+        # as at most twice the floor's range above it.
+        tiny = jnp.float32(jnp.finfo(jnp.float32).tiny)
+        q = jnp.maximum(q, jnp.where(floor > 0, tiny, jnp.float32(0)))
         bits = lax.bitcast_convert_type(q, jnp.uint32)
         # Round to nearest, ties to even, at the 16th bit; exact in bfloat16.
         near = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & 1)) & jnp.uint32(0xFFFF0000)

@@ -37,6 +37,29 @@ def test_float16_nu_past_its_range_keeps_the_first_step_within_the_bound(g, jit)
     np.testing.assert_allclose(np.asarray(updates), -1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("g", [1.2e-38, 1.3e-38, 2.0e-38, 2.35e-38, 3e-38])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_bfloat16_nu_holds_gradients_just_above_the_smallest_normal(g, jit):
+    """A bfloat16 ν of |g| below float32's smallest normal number times its scale reads back |g|+.
+
+    The scale is in [1.0039, 2.0078), so that |g| / scale was a subnormal
+    number for |g| up to about 2.4e-38: XLA flushed the code to 0, and
+    ``infinity_norm`` read 0 with a nonzero gradient, below the |g| that a
+    stored ν never comes back under. The right value is at least |g| and at
+    most one code above the smallest normal number times the scale (< 2.4e-38
+    · (1 + 2^-7)), or one code above |g|.
+    """
+    opt = ax.adamax(1.0, eps=0.0, eps_mode="none", nu_dtype=jnp.bfloat16)
+    params = jnp.zeros(3)
+    state = opt.init(params)
+    update = jax.jit(opt.update) if jit else opt.update
+    for _ in range(3):
+        _, state = update(jnp.full(3, g, F32), state, params)
+    u = np.asarray(ax.infinity_norm(state)).astype(np.float64)
+    assert np.all(u >= np.float64(np.float32(g))), u
+    assert np.all(u <= max(2.4e-38, g) * (1 + 2.0**-7)), u
+
+
 _X64_FLOAT8 = textwrap.dedent(
     """
     import jax
