@@ -901,7 +901,13 @@ def _spread(per_block: jax.Array, layout: "EncodedMoment") -> jax.Array:
     n = layout.codes.shape[-1]
     shape = per_block.shape
     spread = jnp.broadcast_to(per_block[..., None], shape + (bs,))
-    return spread.reshape(shape[:-1] + (shape[-1] * bs,))[..., :n]
+    spread = spread.reshape(shape[:-1] + (shape[-1] * bs,))
+    explicit = explicit_sharding(spread)
+    if explicit is None:
+        return spread[..., :n]
+    # On Explicit axes an eager slice must name its sharding (a last axis split over
+    # an axis of size 1 is the only split that reaches here: others hold whole blocks).
+    return spread.at[..., :n].get(out_sharding=explicit)
 
 
 def block_peaks(x: jax.Array, layout: Any) -> jax.Array:

@@ -266,7 +266,14 @@ def _scale_by_adamax(
             return _codecs.init_moment(p, dtype, "nu", block_size)
 
         _validation.check_eight_bit_params(params, mu_dtype, nu_dtype)
-        _validation.check_block_shards(params, mu_dtype, nu_dtype, block_size, _codecs.is_blockwise)
+        _validation.check_block_shards(
+            params,
+            mu_dtype,
+            nu_dtype,
+            block_size,
+            _codecs.is_blockwise,
+            _codecs.MIN_BLOCK_VALUES,
+        )
 
         return ScaleByAdamaxState(
             count=jnp.zeros([], jnp.int32),

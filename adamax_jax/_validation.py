@@ -454,13 +454,16 @@ def check_block_shards(
     nu_dtype: Any,
     block_size: int,
     blockwise: Callable[[tuple[int, ...], int], bool],
+    least: int,
 ) -> None:
     """Raises ValueError naming leaves whose shards would split an 8-bit block.
 
     On ``Explicit`` mesh axes each shard of a block-wise moment must hold
     whole blocks along the last axis: a block's scale is its largest value,
     and a block across two shards would need the other shard's values (a
-    collective in every step), which the sharding types refuse.
+    collective in every step), which the sharding types refuse. The message
+    names one `block_size` that divides the shards of every split leaf, where
+    one of at least `least` values does.
 
     Args:
         params: The parameters, as passed to ``init``.
@@ -468,31 +471,45 @@ def check_block_shards(
         nu_dtype: The storage dtype of ν (or None).
         block_size: Values per block along the last axis.
         blockwise: Whether a leaf of a shape is stored block-wise (given the block size).
+        least: The fewest values a block suggested in the message may have.
     """
     names = [n for n, v in (("mu_dtype", mu_dtype), ("nu_dtype", nu_dtype)) if _is_eight_bit(v)]
     if not names:
         return
-    bad = []
+    bad, widths, uneven = [], [], 0
     for path, leaf in _paths(params).items():
         if leaf is None or not blockwise(tuple(jnp.shape(leaf)), block_size):
             continue
         axes, shards = explicit_shards(leaf)
-        width = jnp.shape(leaf)[-1] // shards
-        if shards > 1 and width % block_size:
-            fits = max(d for d in range(1, min(width, block_size) + 1) if width % d == 0)
-            bad.append(
-                f"`params{path}` (last axis {jnp.shape(leaf)[-1]} split over {axes} into "
-                f"{shards} shards of {width}; a `block_size` of {fits} divides them)"
-            )
-    if bad:
-        raise ValueError(
-            f"8-bit storage ({', '.join(f'`{n}`' for n in names)}) keeps one scale per block "
-            f"of `block_size` ({block_size}) values along the last axis, and on Explicit mesh "
-            "axes every shard must hold whole blocks; these do not: "
-            + "; ".join(bad)
-            + ". Choose such a `block_size`, shard another axis, or keep these leaves' moments "
-            "in 16 or 32 bits (an `optax.multi_transform` can give them their own optimizer)."
-        )
+        n = jnp.shape(leaf)[-1]
+        if shards == 1:
+            continue
+        where = f"`params{path}` (last axis {n} split over {axes} into {shards} "
+        if n % shards:
+            bad.append(where + "uneven shards)")
+            uneven += 1
+            continue
+        widths.append(n // shards)
+        if (n // shards) % block_size:
+            bad.append(where + f"shards of {n // shards})")
+    if not bad:
+        return
+    common = math.gcd(*widths) if widths else 0
+    fits = max((d for d in range(least, min(common, block_size) + 1) if common % d == 0), default=0)
+    if fits and uneven == 0:
+        hint = f"A `block_size` of {fits} divides the shards of every split leaf; choose it, "
+    else:
+        hint = f"No `block_size` of at least {least} divides them all; "
+    raise ValueError(
+        f"8-bit storage ({', '.join(f'`{n}`' for n in names)}) keeps one scale per block "
+        f"of `block_size` ({block_size}) values along the last axis, and on Explicit mesh "
+        "axes every shard must hold whole blocks; these do not: "
+        + "; ".join(bad)
+        + ". "
+        + hint
+        + "shard another axis, or keep these leaves' moments in 16 or 32 bits (an "
+        "`optax.multi_transform` can give them their own optimizer)."
+    )
 
 
 def _is_none(x: Any) -> bool:

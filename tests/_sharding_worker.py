@@ -440,6 +440,17 @@ def check_explicit_blocks(results, arrays):
         compiled = step.lower(put(host_wide_grads[0], wide_sh), state, wide).compile()
         record["fitted_collectives"] = sorted(set(COLLECTIVES.findall(compiled.as_text())))
         out = run_steps(fitted, wide, state, [put(g, wide_sh) for g in host_wide_grads], step)
+    # A last axis that ends in a part block, split over an Explicit axis of size 1
+    # (one shard): the eager update spreads the block scales over it with a slice.
+    one = jax.make_mesh((8, 1), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    host_part = host_tree({"k": (16, 1040)}, jnp.float32, 0)["k"]
+    eager_single = opt.update(host_part, opt.init(host_part), host_part)[0]
+    with jax.set_mesh(one):
+        part = jax.device_put(host_part, NamedSharding(one, P("data", "model")))
+        eager_split = opt.update(part, opt.init(part), part)[0]
+    record["size_one_axis_eager_update_equal"] = bool(
+        np.array_equal(np.asarray(eager_split), np.asarray(eager_single))
+    )
     results["explicit_blocks"] = record
     store(out, "explicit_blocks/sharded", arrays, results["dtypes"])
     store(

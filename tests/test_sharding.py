@@ -521,6 +521,8 @@ def test_eager_init_and_update_on_explicit_axes_place_8_bit_state_as_jit_does(sh
     assert all(record["eager_block_scales"].values()), record["eager_block_scales"]
     assert record["eager_init_placed_like_jit"]
     assert record["eager_update_placed_like_jit"]
+    # A part block on an axis split over a mesh axis of size 1, eagerly: as on one device.
+    assert record["size_one_axis_eager_update_equal"]
 
 
 @pytest.mark.parametrize("how", ["eager", "jit"])
@@ -539,3 +541,49 @@ def test_a_block_size_that_divides_the_shards_trains_like_one_device(sharded):
     assert record["fitted_eager_init_placed_like_jit"]
     assert record["fitted_collectives"] == []
     _close_to_single(arrays, results["dtypes"], "explicit_blocks/sharded", "explicit_blocks/single")
+
+
+def _abstract(shape, spec):
+    mesh = jax.sharding.AbstractMesh(
+        (2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2
+    )
+    return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))
+
+
+def _refusal(params, block_size=None):
+    opt = ax.adamax(0.1, mu_dtype=jnp.int8, nu_dtype=jnp.uint8, block_size=block_size)
+    with pytest.raises(ValueError, match="every shard must hold whole blocks") as info:
+        opt.init(params)
+    return str(info.value)
+
+
+def test_split_block_refusal_names_one_block_size_for_every_split_leaf():
+    # Shards of 520, 384 and 256 values: 130 would fit the first alone and break the
+    # others; 8 divides them all but is under the least block; 32 (and 64, 128) would
+    # not divide 520. So no size is named, and following none of them breaks a leaf.
+    params = {
+        "a": _abstract((8, 2080), P(None, "model")),
+        "b": _abstract((8, 1536), P(None, "model")),
+        "c": _abstract((8, 1024), P(None, "model")),
+    }
+    message = _refusal(params)
+    assert "params['a']" in message and "params['b']" in message
+    assert "params['c']" not in message  # its shards hold whole blocks of 256
+    assert "No `block_size` of at least 32 divides them all" in message
+    # Shards of 640 and 384: 128 divides both, and 256 neither.
+    params = {"a": _abstract((8, 2560), P(None, "model")), "b": params["b"]}
+    message = _refusal(params)
+    assert "A `block_size` of 128 divides the shards of every split leaf" in message
+    state = jax.eval_shape(ax.adamax(0.1, mu_dtype=jnp.int8, block_size=128).init, params)
+    assert state[0].mu["a"].scale.shape == (8, 20)
+
+
+def test_split_block_refusal_names_no_block_size_below_the_least_block():
+    message = _refusal({"w": _abstract((16, 1028), P(None, "model"))})  # shards of 257
+    assert "4 shards of 257" in message
+    assert "No `block_size` of at least 32" in message and "of 1 " not in message
+
+
+def test_split_block_refusal_reports_uneven_shards_as_such():
+    message = _refusal({"w": _abstract((8, 1028), P(None, ("data", "model")))})
+    assert "8 uneven shards" in message and "divides the shards" not in message
