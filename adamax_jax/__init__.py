@@ -12,6 +12,7 @@ from adamax_jax._transform import adamax_state as adamax_state
 from adamax_jax._transform import adamax_step as adamax_step
 from adamax_jax._transform import adamaxw as adamaxw
 from adamax_jax._transform import convert_state as convert_state
+from adamax_jax._transform import first_moment as first_moment
 from adamax_jax._transform import infinity_norm as infinity_norm
 from adamax_jax._transform import nadamax as nadamax
 from adamax_jax._transform import scale_by_adamax as scale_by_adamax
@@ -30,6 +31,7 @@ __all__ = [
     "check_state",
     "compensate_rounding",
     "convert_state",
+    "first_moment",
     "infinity_norm",
     "nadamax",
     "scale_by_adamax",

@@ -3,6 +3,8 @@
 import functools
 import math
 import numbers
+import weakref
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -25,6 +27,14 @@ from adamax_jax._core import (
 from adamax_jax._precision import below_32_bits, compensate_rounding
 from adamax_jax._sharding import reshard_like
 from adamax_jax._tree import is_leaf, map_unzip
+
+
+# What each transformation of this package was built with, keyed by its update
+# function, for code that continues a state written elsewhere and must refuse
+# one written with other hyperparameters (convert_state).
+HYPERPARAMETERS: "weakref.WeakKeyDictionary[Callable[..., Any], dict[str, Any]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class ScaleByAdamaxState(NamedTuple):
@@ -371,6 +381,17 @@ def _scale_by_adamax(
         directions, mu, nu = (treedef.unflatten([r[i] for r in results]) for i in range(3))
         return directions, ScaleByAdamaxState(count=count, mu=mu, nu=nu)
 
+    HYPERPARAMETERS[update_fn] = dict(
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eps_mode=eps_mode,
+        nesterov=nesterov,
+        complex_mode=complex_mode,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        block_size=block_size,
+    )
     # optax types a state as an array tree (`chex.ArrayTree`), which has no room for a
     # NamedTuple state with `None` fields, nor for an update that names its state type.
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
@@ -451,6 +472,35 @@ def infinity_norm(state: Any) -> optax.Updates:
         return v
 
     return jax.tree.map(leaf, inner.nu, is_leaf=_codecs_leaf)
+
+
+def first_moment(state: Any) -> optax.Updates:
+    """The first moment ``m_t`` (unbiased, not bias-corrected), from an AdaMax state.
+
+    Reads each μ the way it was written (a plain array, or codes with their
+    scales), so that callers never need to know the storage layout.
+
+    Args:
+        state: A :class:`ScaleByAdamaxState`, or any optimizer state holding
+            exactly one.
+
+    Returns:
+        A tree shaped like the parameters: ``m_t`` per leaf, float32 for
+        parameters below 32 bits, else the parameter's dtype.
+
+    Raises:
+        ValueError: If `state` holds no AdaMax state, or several.
+    """
+    inner = adamax_state(state)
+
+    def leaf(m):
+        if m is None:
+            return None
+        if _codecs.is_encoded(m):
+            return _codecs.decode(m, compute_dtype(m.codes.dtype))
+        return m.astype(compute_dtype(m.dtype))
+
+    return jax.tree.map(leaf, inner.mu, is_leaf=_codecs_leaf)
 
 
 def _adam_like_states(state: Any) -> list[tuple[str, Any]]:
@@ -683,6 +733,13 @@ def _chain(
 
         return jax.tree.map(rounded, new, like, is_leaf=_is_none), state
 
+    HYPERPARAMETERS[update_fn] = dict(
+        HYPERPARAMETERS[parts[0].update],
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        mask=mask,
+        compensated=compensated,
+    )
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
