@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from adamax_jax._precision import _random_bits, below_32_bits, store_moment
+from adamax_jax._precision import _random_bits, below_32_bits, saturate, store_moment
 from adamax_jax._sharding import explicit_sharding, zeros_like
 
 Role = Literal["mu", "nu"]
@@ -166,6 +166,60 @@ def init_moment(
     return EncodedMoment(codes=codes, scale=jnp.ones([], jnp.float32), codec=SCALED)
 
 
+def split_moment(x: Any) -> tuple[Any, Any]:
+    """A stored moment as the two arrays the state keeps: values (or codes), and scale or None."""
+    if is_encoded(x):
+        return x.codes, x.scale
+    return x, None
+
+
+def join_moment(
+    values: Any, scale: Any, where: str, role: Role, block_size: int | None, expected: int | None
+) -> Any:
+    """The stored moment that `values` and `scale` (from the state's two trees) make.
+
+    The codec is read from what a checkpoint keeps: no scale is a plain array;
+    a scalar scale is the "scaled" codec; a scale with the codes' rank is the
+    "blockwise" codec, in blocks of the state's `block_size` (the length of its
+    ``block_size`` array).
+
+    Args:
+        values: The array of ``state.mu`` or ``state.nu`` for one parameter.
+        scale: The matching array of ``state.mu_scale`` or ``state.nu_scale``, or None.
+        where: The moment's path, for messages (``state.nu['w']``).
+        role: "mu" or "nu".
+        block_size: The block size the state records, or None where it records none.
+        expected: The block size of the optimizer that reads it (None: any).
+
+    Raises:
+        ValueError: If the pair cannot be read as it was written, or was written
+            in blocks of another size.
+    """
+    if scale is None:
+        return values
+    convert = (
+        "Build the state with `opt.init`, or convert one with `adamax_jax.convert_state(state, "
+        "opt, params)`."
+    )
+    if not (hasattr(scale, "shape") and hasattr(values, "shape")):
+        raise ValueError(f"`{where}` and its scale must be arrays. {convert}")
+    if jnp.ndim(scale) == 0:
+        return EncodedMoment(codes=values, scale=scale, codec=SCALED)
+    if block_size is None:
+        raise ValueError(
+            f"`{where}` has block scales of shape {tuple(jnp.shape(scale))}, but the state "
+            f"records no block size (`block_size` is None). {convert}"
+        )
+    if expected is not None and block_size != expected:
+        # Blocks of another size would read every scale against the wrong values.
+        raise ValueError(
+            f"`{where}` was written in blocks of {block_size} values, but this optimizer's "
+            f"`block_size` is {expected}. Build the optimizer with the state's block size, "
+            "or convert the state with `adamax_jax.convert_state(state, opt, params)`."
+        )
+    return EncodedMoment(codes=values, scale=scale, codec=BLOCKWISE, block_size=block_size)
+
+
 def stored_values(x: Any) -> jax.Array:
     """The parameter-shaped array of a stored moment: its codes, or the plain array."""
     return x.codes if is_encoded(x) else x
@@ -210,15 +264,20 @@ def check_moment(x: Any, where: str, role: Role) -> None:
     codes, scale = jnp.dtype(x.codes.dtype), jnp.dtype(x.scale.dtype)
     if not jnp.issubdtype(codes, jnp.floating):
         raise ValueError(
-            f"`{where}.codes` is {codes}, but the {x.codec!r} codec stores a real floating "
+            f"`{where}` is {codes}, but the {x.codec!r} codec stores a real floating "
             f"dtype: a cast changed it. {convert}"
         )
     if scale != jnp.float32 or jnp.shape(x.scale) != ():
         raise ValueError(
-            f"`{where}.scale` must be a float32 scalar, got {scale} of shape "
+            f"`{_scale_path(where, role)}` must be a float32 scalar, got {scale} of shape "
             f"{jnp.shape(x.scale)}: a cast changed it (cast the state back, or convert it). "
             f"{convert}"
         )
+
+
+def _scale_path(where: str, role: Role) -> str:
+    """Where the scale of the moment at `where` is: ``state.nu['w']`` → ``state.nu_scale['w']``."""
+    return where.replace(f"state.{role}", f"state.{role}_scale", 1)
 
 
 def _check_blockwise(x: Any, where: str, role: Role, convert: str) -> None:
@@ -227,7 +286,7 @@ def _check_blockwise(x: Any, where: str, role: Role, convert: str) -> None:
     if codes not in allowed:
         names = ", ".join(str(d) for d in allowed)
         raise ValueError(
-            f"`{where}.codes` is {codes}, but the 'blockwise' codec stores a {role} in one of "
+            f"`{where}` is {codes}, but the 'blockwise' codec stores a {role} in one of "
             f"{names}: a cast changed it. {convert}"
         )
     bs = x.block_size
@@ -241,8 +300,9 @@ def _check_blockwise(x: Any, where: str, role: Role, convert: str) -> None:
     scale = jnp.dtype(x.scale.dtype)
     if scale != jnp.float32 or tuple(jnp.shape(x.scale)) != want:
         raise ValueError(
-            f"`{where}.scale` must be float32 of shape {want} (one per block of {bs} along "
-            f"the last axis), got {scale} of shape {tuple(jnp.shape(x.scale))}. {convert}"
+            f"`{_scale_path(where, role)}` must be float32 of shape {want} (one per block of "
+            f"{bs} along the last axis), got {scale} of shape {tuple(jnp.shape(x.scale))}. "
+            f"{convert}"
         )
 
 
@@ -257,7 +317,10 @@ def decode(x: Any, dtype: jax.typing.DTypeLike) -> jax.Array:
     # A code rounded up next to the largest finite value can read back past it;
     # the moment it stands for cannot, so neither does its value.
     big = jnp.asarray(jnp.finfo(rdt).max, rdt).astype(value.dtype)
-    return jnp.clip(value, -big, big)
+    if jnp.iscomplexobj(value):
+        return jnp.clip(value, -big, big)
+    # A non-finite code (a non-finite gradient was stored) reads as it is.
+    return saturate(value, x.codes.astype(value.dtype), big)
 
 
 def next_scale(x: Any, role: Role, b2: jax.typing.ArrayLike) -> jax.Array | None:
@@ -407,7 +470,7 @@ def _store_up(q: jax.Array, s: jax.Array, floor: jax.Array, dtype: jnp.dtype) ->
     """
     rdt = q.dtype
     big = jnp.asarray(jnp.finfo(dtype).max, rdt)
-    q = jnp.clip(q, -big, big)
+    q = saturate(q, q, big)
     if dtype == jnp.bfloat16 and rdt == jnp.float32:
         # A nonzero floor below float32's smallest normal number times the scale
         # would give a subnormal code, which XLA reads back as 0 (it flushes
@@ -457,11 +520,10 @@ def _reciprocal(s: jax.Array) -> jax.Array:
 
 
 def _saturate_to(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """`x` rounded to nearest in `dtype`, saturating at its largest finite value."""
+    """`x` rounded to nearest in `dtype`, finite values saturating at its largest finite value."""
     if jnp.iscomplexobj(x):
         return x.astype(dtype)
-    big = jnp.finfo(dtype).max
-    return jnp.clip(x, -jnp.asarray(big, x.dtype), jnp.asarray(big, x.dtype)).astype(dtype)
+    return saturate(x, x, jnp.asarray(jnp.finfo(dtype).max, x.dtype)).astype(dtype)
 
 
 def barrier(m: Any, v: Any) -> tuple[Any, Any]:
@@ -476,7 +538,9 @@ def from_value(value: jax.Array, template: Any, role: Role) -> Any:
     values rounded to its dtype; an encoded one starts from a fresh scale.
     """
     if not is_encoded(template):
-        return value.astype(template.dtype)
+        # A copy, never the source's own buffer: donating the converted state
+        # must leave the state it came from readable.
+        return jnp.array(value, dtype=template.dtype, copy=True)
     mag = jnp.abs(value)
     fresh = EncodedMoment(
         codes=jnp.zeros_like(template.codes),
@@ -863,33 +927,34 @@ def out_of_blocks(x: Any, n: int) -> Any:
     return from_blocks(x, n)
 
 
-def _max_and_min(x: jax.Array, layout: "EncodedMoment") -> tuple[jax.Array, jax.Array]:
-    """The largest and the least value of each block of `x`, in one pass.
+def _block_maxima(operands: tuple[jax.Array, ...], layout: "EncodedMoment") -> list[jax.Array]:
+    """The largest value of each block of each array of `operands`, or 0 where that is larger.
 
-    `x` is laid out as the block-wise moment `layout` is: as blocks (reduced
-    along the last axis), or as the leaf (reduced in windows of the block
-    size, the last one padded). One variadic reduction: XLA on CPU computes it
-    in a parallel loop as it reads `x`, several times faster than ``jnp.max``
-    of ``|x|`` (which it writes out first) or a ``jnp.max`` and a ``jnp.min``.
+    The arrays are laid out as the block-wise moment `layout` is: as blocks
+    (reduced along the last axis), or as the leaf (reduced in windows of the
+    block size, the last one padded). Each is reduced by a max that starts
+    from 0, and callers read only peaks of at least 0 from the results (the
+    largest ``|x|``), so that no padding of 0 or below can change a peak:
+    neither the windows' own, nor what a partitioner adds where a shard ends
+    inside a block. (A partitioned variadic reduce window pads every operand
+    with the initial value of the first: a max and a min of the same values
+    then took -inf as the least value of a last axis's part block, so that a
+    sharded step saturated its scale, issue 21.)
     """
+    zeros = tuple(jnp.zeros((), x.dtype) for x in operands)
 
-    def both(a, b):
-        return lax.max(a[0], b[0]), lax.min(a[1], b[1])
+    def maxima(a, b):
+        return tuple(lax.max(x, y) for x, y in zip(a, b, strict=True))
 
-    if jnp.issubdtype(x.dtype, jnp.floating):
-        low, high = jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(jnp.inf, x.dtype)
-    else:
-        info = jnp.iinfo(x.dtype)
-        low, high = jnp.asarray(info.min, x.dtype), jnp.asarray(info.max, x.dtype)
+    ndim = operands[0].ndim
     if _blocked(layout):
-        return tuple(lax.reduce((x, x), (low, high), both, (x.ndim - 1,)))  # type: ignore[return-value]
+        return list(lax.reduce(operands, zeros, maxima, (ndim - 1,)))
     bs = layout.block_size
     assert bs is not None
-    n = x.shape[-1]
-    window = (1,) * (x.ndim - 1) + (bs,)
-    padding = [(0, 0)] * (x.ndim - 1) + [(0, -(-n // bs) * bs - n)]
-    largest, least = lax.reduce_window((x, x), (low, high), both, window, window, padding)
-    return largest, least
+    n = operands[0].shape[-1]
+    window = (1,) * (ndim - 1) + (bs,)
+    padding = [(0, 0)] * (ndim - 1) + [(0, -(-n // bs) * bs - n)]
+    return list(lax.reduce_window(operands, zeros, maxima, window, window, padding))
 
 
 def _spread(per_block: jax.Array, layout: "EncodedMoment") -> jax.Array:
@@ -911,25 +976,43 @@ def _spread(per_block: jax.Array, layout: "EncodedMoment") -> jax.Array:
 
 
 def block_peaks(x: jax.Array, layout: Any) -> jax.Array:
-    """The largest ``|x|`` of each block of real `x`, laid out as block-wise moment `layout`."""
-    largest, least = _max_and_min(x, layout)
-    return jnp.maximum(largest, -least)
+    """The largest ``|x|`` of each block of real `x`, laid out as block-wise moment `layout`.
+
+    A non-finite value makes its block's peak non-finite. Every reduction is a
+    max of values whose peak is at least 0 (:func:`_block_maxima`), so that
+    the peaks are the same however the leaf is partitioned.
+    """
+    if _blocked(layout):
+        # Laid out as blocks, XLA on CPU reduces `x` and `-x` together as it reads
+        # `x`, where it would write ``|x|`` out first (about ten times slower); in
+        # windows it is the other way round.
+        largest, negated = _block_maxima((x, -x), layout)
+        return jnp.maximum(largest, negated)
+    return _block_maxima((jnp.abs(x),), layout)[0]
+
+
+def _code_magnitudes(codes: jax.Array) -> jax.Array:
+    """The magnitude index of each 8-bit code (its rank without the sign), in 8 bits.
+
+    Never negative: int8 codes are within ±``top`` (127), and float8 ones are
+    read from the bits without the sign's.
+    """
+    cmap = _MAPS[jnp.dtype(codes.dtype)]
+    if cmap.float8_exponent is not None:
+        return lax.bitcast_convert_type(codes, jnp.uint8) & jnp.uint8(0x7F)
+    return jnp.abs(codes) if cmap.signed else codes
 
 
 def moment_peaks(x: Any, dtype: jax.typing.DTypeLike) -> jax.Array | None:
     """The largest ``|decode(x)|`` of each block of a block-wise moment.
 
-    Read from the largest code magnitude of each block (see
-    :func:`block_peaks`); None for any other moment.
+    Read from the largest code magnitude of each block (a max of non-negative
+    indices, see :func:`_block_maxima`); None for any other moment.
     """
     if not (is_encoded(x) and x.codec == BLOCKWISE):
         return None
-    storage = jnp.dtype(x.codes.dtype)
-    cmap = _MAPS[storage]
-    # int8/uint8 codes are their ranks; float8 ranks are read from the bits.
-    ranks = x.codes if cmap.float8_exponent is None else _rank(x.codes)
-    largest, least = (c.astype(jnp.int32) for c in _max_and_min(ranks, x))
-    largest = jnp.maximum(largest, -least) if cmap.signed else largest
+    cmap = _MAPS[jnp.dtype(x.codes.dtype)]
+    largest = _block_maxima((_code_magnitudes(x.codes),), x)[0].astype(jnp.int32)
     values = _magnitude(largest, cmap).astype(dtype)
     scale = x.scale.astype(jnp.float32).astype(dtype)
     return _times_scale(values, scale)
@@ -1000,6 +1083,16 @@ def _nu_index(
     return jnp.maximum(carried, k)
 
 
+def _poisoned(scale: jax.Array, peak: jax.Array) -> jax.Array:
+    """`scale`, NaN for each block whose peak is not finite (a non-finite gradient).
+
+    8-bit codes hold no inf or NaN: the block's scale holds it instead, so that
+    every value of the block reads NaN from then on (and its scale stays NaN),
+    visibly, where a saturated scale would silently freeze its parameters.
+    """
+    return jnp.where(jnp.isfinite(peak), scale, jnp.float32(jnp.nan))
+
+
 def _encode_blockwise(
     value: jax.Array,
     previous: "EncodedMoment",
@@ -1039,6 +1132,7 @@ def _encode_blockwise(
             peak = block_peaks(value, previous)
         peak = peak.astype(jnp.float32)
         scale = jnp.where(peak > 0, _fit(peak, jnp.ones_like(peak), top), jnp.float32(1))
+        scale = _poisoned(scale, peak)
         # The scale is a power of two: its reciprocal, from the bits, is exact
         # (and eager and compiled steps, which could divide differently, agree).
         inv = lax.bitcast_convert_type((254 << 23) - _bits(scale), jnp.float32)
@@ -1075,7 +1169,7 @@ def _encode_blockwise(
         fresh = jnp.where(fresh_peak > 0, _fit(fresh_peak, jnp.ones_like(base), top), zero)
         kept = jnp.where(peak > base * jnp.float32(top), _fit(peak, base, top), base)
         renewed = base < tiny
-        scale = jnp.where(renewed, fresh, kept)
+        scale = _poisoned(jnp.where(renewed, fresh, kept), peak)
         s = _spread(scale.astype(cdt), previous)
         # The reciprocal of the scale: the rounding up below compares values read
         # back as decode reads them, so that it need not be exact. A division: XLA

@@ -38,9 +38,13 @@ def nu_storage_dtype(
 
     For complex parameters in "modulus" mode ν is a real array (the norm of a
     complex number is real); in "split" mode it is complex, its real and
-    imaginary parts holding the two separate infinity norms.
+    imaginary parts holding the two separate infinity norms. A real parameter
+    stores a complex `nu_dtype` in its real counterpart (complex64: float32).
     """
     base = jnp.dtype(param_dtype if nu_dtype is None else nu_dtype)
+    if not jnp.issubdtype(jnp.dtype(param_dtype), jnp.complexfloating):
+        # A complex storage dtype on a real leaf of a mixed tree: its real counterpart.
+        return real_dtype(base) if jnp.issubdtype(base, jnp.complexfloating) else base
     if jnp.issubdtype(jnp.dtype(param_dtype), jnp.complexfloating):
         if complex_mode == "modulus":
             return real_dtype(base)
@@ -295,21 +299,20 @@ def _leaf(
         # Each ratio is divided by u first: m/u and g/u are at most about 1,
         # where β₁ m / (1 - β₁^(t+1)) + (1 - β₁) g / (1 - β₁^t) can overflow
         # for gradients near the dtype's largest value.
-        return (
-            (
-                b1_c / bc_next.astype(cdt) * divide(m_new, u)
-                + one_minus_b1 / bc.astype(cdt) * divide(gc, u)
-            ),
-            m_stored,
-            v_stored,
-        )
+        direction = b1_c / bc_next.astype(cdt) * divide(m_new, u) + one_minus_b1 / bc.astype(
+            cdt
+        ) * divide(gc, u)
+        return direction, m_stored, v_stored
     # m̂ = m / (1 - β₁^t) is a weighted mean of the gradients, so at most the
     # largest finite value; the roundings of m and of the correction can take
-    # it one ulp past that, to infinity, where a gradient is that large.
+    # it one ulp past that, to infinity, where a gradient is that large. Only a
+    # finite m is held there: an infinite one (a non-finite gradient) stays
+    # infinite, so that m̂/u is NaN, as in optax, and not a silent 0.
     m_hat = m_new / bc.astype(cdt)
     big = jnp.asarray(jnp.finfo(rdt).max, rdt)
     if jnp.issubdtype(cdt, jnp.complexfloating):
-        m_hat = lax.complex(jnp.clip(m_hat.real, -big, big), jnp.clip(m_hat.imag, -big, big))
+        held = lax.complex(jnp.clip(m_hat.real, -big, big), jnp.clip(m_hat.imag, -big, big))
     else:
-        m_hat = jnp.clip(m_hat, -big, big)
+        held = jnp.clip(m_hat, -big, big)
+    m_hat = jnp.where(jnp.isfinite(m_new), held, m_hat)
     return divide(m_hat, u), m_stored, v_stored

@@ -37,8 +37,9 @@ def store_moment(
     ``ulp / sqrt(6 (1 - β₁²))`` (0.4 % in bfloat16 for β₁ = 0.9). The draw is
     a hash of the previous value and `seed` (bits of the gradient and the step
     count, see :func:`seed`): deterministic, the same eagerly and compiled, and
-    fresh at every step. A store beyond the dtype's range saturates at its
-    largest finite value. Stores of 32 bits or more round to nearest.
+    fresh at every step. A finite store beyond the dtype's range saturates at
+    its largest finite value; inf and NaN are stored as they are. Stores of
+    32 bits or more round to nearest.
 
     Its derivative is that of the value (the straight-through rule): the
     rounding itself has none.
@@ -111,7 +112,7 @@ def _store_stochastic(value: jax.Array, previous: jax.Array, salt: jax.Array) ->
         # Exact in bfloat16 already. (A conversion, not a bit shift: XLA would
         # recompute a shift in the step that reads the stored μ, from the old
         # μ after the new one has been stored over it.)
-        return jnp.clip(rounded, -jnp.float32(big), jnp.float32(big)).astype(dtype)
+        return saturate(rounded, value, jnp.float32(big)).astype(dtype)
     nearest = value.astype(dtype)
     here = nearest.astype(value.dtype)
     # The representable neighbour on the other side of the value.
@@ -121,7 +122,19 @@ def _store_stochastic(value: jax.Array, previous: jax.Array, salt: jax.Array) ->
     prev = lax.bitcast_convert_type(previous, jnp.uint16).astype(jnp.uint32)
     draw = uniform_hash(prev, jnp.broadcast_to(salt, prev.shape)).astype(value.dtype)
     take = draw * gap < jnp.abs(value - here)
-    return jnp.clip(jnp.where(take, other, nearest), -big, big)
+    return saturate(jnp.where(take, other, nearest), value, big)
+
+
+def saturate(rounded: jax.Array, value: jax.Array, big: jax.typing.ArrayLike) -> jax.Array:
+    """`rounded` held within ±`big` where `value` is finite; `value`'s inf or NaN elsewhere.
+
+    A finite moment past a narrow dtype's range is held at its largest finite
+    value; a non-finite one (from a non-finite gradient) is kept as it is, so
+    that the steps taken from it stay non-finite, as optax's do, instead of
+    continuing silently from a made-up value.
+    """
+    held = jnp.clip(rounded, -big, big)
+    return jnp.where(jnp.isfinite(value), held, value.astype(held.dtype))
 
 
 @_store_stochastic.defjvp

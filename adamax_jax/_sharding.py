@@ -1,7 +1,6 @@
 """Sharding helpers: optimizer state that lives where the parameters live."""
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -281,17 +280,72 @@ def zero1_state_shardings(
             spec = tuple(sharding.spec)
         return NamedSharding(mesh, _split(tuple(shape.shape), spec, axes, mesh, block))
 
+    def fitted(codes: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+        # A block scale is split as its codes are, on every axis whose shards hold
+        # whole scales (a last axis of 1040 values over 4 shards holds 260 values,
+        # but its 5 scales do not split in 4): elsewhere it is replicated.
+        entries = [_spec_axes(e) for e in codes.spec] + [()] * len(shape)
+        spec = [
+            (e[0] if len(e) == 1 else e)
+            if e and size % math.prod(mesh.shape[a] for a in e) == 0
+            else None
+            for size, e in zip(shape, entries, strict=False)
+        ]
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    def moments(shape: Any, sharding: Any, role: str, block: int | None) -> tuple[Any, Any]:
+        values, scales = getattr(shape, role), getattr(shape, f"{role}_scale")
+        flat, treedef = jax.tree.flatten(values, is_leaf=_is_none)
+        placed_values = treedef.flatten_up_to(getattr(sharding, role))
+        if scales is None:
+            scales_flat, placed_scales = [None] * len(flat), [None] * len(flat)
+        else:
+            scales_flat = treedef.flatten_up_to(scales)
+            placed_scales = treedef.flatten_up_to(getattr(sharding, f"{role}_scale"))
+        out_values, out_scales = [], []
+        for v, v_sh, c, c_sh in zip(flat, placed_values, scales_flat, placed_scales, strict=True):
+            if v is None:
+                out_values.append(None)
+                out_scales.append(None)
+                continue
+            # Block-wise codes and their per-block scales (one per block of the last
+            # axis, the other axes those of the codes) are split alike, so that each
+            # device holds the scales of its own blocks.
+            blockwise = c is not None and len(c.shape) > 0
+            codes = leaf(v, v_sh, block if blockwise else None)
+            out_values.append(codes)
+            if c is None:
+                out_scales.append(None)
+            else:
+                out_scales.append(fitted(codes, tuple(c.shape)) if blockwise else leaf(c, c_sh))
+        new_scales = None if scales is None else treedef.unflatten(out_scales)
+        return treedef.unflatten(out_values), new_scales
+
     def node(shape: Any, sharding: Any) -> Any:
-        # Block-wise codes and their per-block scales (one per block of the
-        # last axis, the other axes those of the codes) are split alike, so
-        # that each device holds the scales of its own blocks.
-        block = getattr(shape, "block_size", None)
-        if block is None:
+        if not _is_adamax_state(shape):
             return jax.tree.map(leaf, shape, sharding)
-        codes = leaf(shape.codes, sharding.codes, block)
-        return dataclasses.replace(sharding, codes=codes, scale=codes)
+        marker = shape.block_size
+        block = None if marker is None else int(marker.shape[0])
+        mu, mu_scale = moments(shape, sharding, "mu", block)
+        nu, nu_scale = moments(shape, sharding, "nu", block)
+        return shape._replace(
+            count=leaf(shape.count, sharding.count),
+            mu=mu,
+            nu=nu,
+            mu_scale=mu_scale,
+            nu_scale=nu_scale,
+            # The block size is in this array's length; it is never split.
+            block_size=None if marker is None else NamedSharding(mesh, PartitionSpec()),
+        )
 
-    def is_moment(x: Any) -> bool:
-        return getattr(x, "__adamax_moment__", False)
+    return jax.tree.map(node, shapes, placed, is_leaf=_is_adamax_state)
 
-    return jax.tree.map(node, shapes, placed, is_leaf=is_moment)
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _is_adamax_state(x: Any) -> bool:
+    """Whether `x` is a ScaleByAdamaxState (its moments and their scales split alike)."""
+    fields = getattr(x, "_fields", ())
+    return isinstance(x, tuple) and "mu_scale" in fields and "block_size" in fields

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from adamax_jax import _codecs, _validation
+from adamax_jax._codecs import Role
 from adamax_jax._core import (
     COMPLEX_MODES,
     EPS_MODES,
@@ -28,7 +29,6 @@ from adamax_jax._precision import below_32_bits, compensate_rounding
 from adamax_jax._sharding import reshard_like
 from adamax_jax._tree import is_leaf, map_unzip
 
-
 # What each transformation of this package was built with, keyed by its update
 # function, for code that continues a state written elsewhere and must refuse
 # one written with other hyperparameters (convert_state).
@@ -38,34 +38,54 @@ HYPERPARAMETERS: "weakref.WeakKeyDictionary[Callable[..., Any], dict[str, Any]]"
 
 
 class ScaleByAdamaxState(NamedTuple):
-    """State of :func:`scale_by_adamax`.
+    """State of :func:`scale_by_adamax`: arrays, and trees of arrays shaped like the parameters.
 
-    Every moment says how to read it: a plain array holds the moment itself
-    (as in optax's ``ScaleByAdamState``, whose fields these are); an
-    :class:`EncodedMoment` holds codes, a scale and the name of the codec
-    that wrote them. ``opt.init`` makes plain arrays wherever the moment is
-    stored in 32 bits or more (the default for float32 parameters, where the
-    state is laid out exactly as ``optax.adamax``'s) and for μ below 32 bits;
-    encoded ones for ν below 32 bits. :func:`infinity_norm` gives
-    ``u_t`` from either, and ``update`` refuses a moment whose layout
-    contradicts its dtype (such as a plain bfloat16 ν after a cast), naming
-    its path.
+    Every field is an array or a tree of arrays (and ``None``), as in optax's
+    ``ScaleByAdamState`` (whose first three fields these are), so that the
+    state survives every container users keep optimizer state in:
+    ``flax.nnx.Optimizer`` (which rebuilds each tree on write-back),
+    ``flax.serialization``, orbax and any other library that stores arrays.
+    Where every moment is stored in 32 bits or more (the default for float32
+    parameters) the three last fields are ``None`` and the state holds
+    exactly the arrays of ``optax.adamax``'s.
+
+    What a moment means is read from what a checkpoint keeps: a moment with
+    no scale (``None`` in its scale tree, or no scale tree) is the moment
+    itself; with a float32 scalar scale ``s`` (ν in bfloat16 or float16) it
+    is ``codes · s``, the decay carried by ``s``; with float32 block scales
+    of shape ``codes.shape[:-1] + (ceil(codes.shape[-1] / B),)`` (8-bit
+    storage) it is each block's code values times its scale, with ``B`` the
+    length of ``block_size``. ``update`` refuses a moment whose layout
+    contradicts its dtype (such as a plain bfloat16 ν after a cast) or a
+    block size other than the optimizer's, naming its path.
+    :func:`first_moment` and :func:`infinity_norm` read the moments' values.
 
     Attributes:
         count: The number of steps taken, an int32 scalar; it saturates.
-        mu: The first moment ``m_t``, shaped like the parameters.
-        nu: The infinity norm ``u_t``, shaped like the parameters.
+        mu: The first moment ``m_t`` (or its codes), shaped like the parameters.
+        nu: The infinity norm ``u_t`` (or its codes), shaped like the parameters.
+        mu_scale: None, or a tree shaped like the parameters holding each
+            μ's float32 scale (None where μ has none).
+        nu_scale: The same for ν.
+        block_size: None where no moment is stored block-wise; else a uint8
+            array of zeros of shape ``(B,)``, whose length is the block size
+            ``B``: held in a shape, it is known when a step is traced and is
+            kept in every checkpoint's metadata.
     """
 
     count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride] (a field, as in optax)
-    # Plain arrays or EncodedMoment nodes, shaped like the parameters.
     mu: Any
     nu: Any
+    mu_scale: Any = None
+    nu_scale: Any = None
+    block_size: Any = None
 
 
 def _check_hyperparameters(b1: Any, b2: Any, eps: Any, eps_mode: Any) -> tuple[Any, Any, Any]:
     """β₁, β₂ and ε read as Python floats (traced ones as 0-d arrays), range-checked."""
     _validation.check_choice("eps_mode", eps_mode, EPS_MODES)
+    for name, value in (("b1", b1), ("b2", b2), ("eps", eps)):
+        _validation.check_wide_enough(name, value)
     return (
         _validation.check_interval("b1", b1, 0.0, 1.0, high_open=True),
         _validation.check_interval("b2", b2, 0.0, 1.0),
@@ -265,10 +285,13 @@ def _scale_by_adamax(
 
         def mu_leaf(p):
             dtype = jnp.dtype(p.dtype) if mu_dtype is None else jnp.dtype(mu_dtype)
-            if jnp.issubdtype(p.dtype, jnp.complexfloating) and not jnp.issubdtype(
-                dtype, jnp.complexfloating
-            ):
+            complex_param = jnp.issubdtype(p.dtype, jnp.complexfloating)
+            if complex_param and not jnp.issubdtype(dtype, jnp.complexfloating):
                 dtype = jnp.dtype(jnp.complex128 if dtype.itemsize > 4 else jnp.complex64)
+            elif not complex_param and jnp.issubdtype(dtype, jnp.complexfloating):
+                # A mixed tree: a real leaf stores a complex `mu_dtype` in its real
+                # counterpart, as ν is stored for a complex leaf in "modulus" mode.
+                dtype = real_dtype(dtype)
             return _codecs.init_moment(p, dtype, "mu", block_size)
 
         def nu_leaf(p):
@@ -285,10 +308,8 @@ def _scale_by_adamax(
             _codecs.MIN_BLOCK_VALUES,
         )
 
-        return ScaleByAdamaxState(
-            count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(mu_leaf, params),
-            nu=jax.tree.map(nu_leaf, params),
+        return _pack(
+            jnp.zeros([], jnp.int32), jax.tree.map(mu_leaf, params), jax.tree.map(nu_leaf, params)
         )
 
     def update_fn(
@@ -298,6 +319,7 @@ def _scale_by_adamax(
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByAdamaxState]:
         del extra_args
+        _check_is_state(state)
         updates = jax.tree.map(_as_leaf, updates, is_leaf=_is_none)
         _validation.check_same_structure("updates", updates, "state.mu", state.mu)
         _validation.check_same_structure("state.nu", state.nu, "state.mu", state.mu)
@@ -339,27 +361,14 @@ def _scale_by_adamax(
         )
         if any(_validation.is_traced(x) for x in jax.tree.leaves((updates, state))):
             step = jax.jit(step)
-        paths, treedef = jax.tree_util.tree_flatten_with_path(state.mu, is_leaf=_codecs_leaf)
+        paths, treedef, mus, nus = _unpack(state, block_size)
         grads = treedef.flatten_up_to(updates)
-        nus = treedef.flatten_up_to(state.nu)
         ps = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
 
         def leaf(path, m, g, v, p):
             if g is None:
                 return None, None, None
             where = jax.tree_util.keystr(path)
-            _codecs.check_moment(m, f"state.mu{where}", "mu")
-            _codecs.check_moment(v, f"state.nu{where}", "nu")
-            for name, x in (("mu", m), ("nu", v)):
-                written = getattr(x, "block_size", None)
-                if written is not None and written != block_size:
-                    # Blocks of another size would read every scale against the wrong values.
-                    raise ValueError(
-                        f"`state.{name}{where}` was written in blocks of {written} values, "
-                        f"but this optimizer's `block_size` is {block_size}. Build the "
-                        "optimizer with the state's block size, or convert the state with "
-                        "`adamax_jax.convert_state(state, opt, params)`."
-                    )
             g = _float_gradient(g, p, where)
             rdt = real_dtype(compute_dtype(g.dtype))
             if rdt not in corrections:
@@ -376,10 +385,11 @@ def _scale_by_adamax(
             return reshard_like(direction.astype(g.dtype), g), m_new, v_new
 
         results = [
-            leaf(path, m, g, v, p) for (path, m), g, v, p in zip(paths, grads, nus, ps, strict=True)
+            leaf(path, m, g, v, p)
+            for path, m, g, v, p in zip(paths, mus, grads, nus, ps, strict=True)
         ]
         directions, mu, nu = (treedef.unflatten([r[i] for r in results]) for i in range(3))
-        return directions, ScaleByAdamaxState(count=count, mu=mu, nu=nu)
+        return directions, _pack(count, mu, nu, state.block_size)
 
     HYPERPARAMETERS[update_fn] = dict(
         b1=b1,
@@ -399,6 +409,99 @@ def _scale_by_adamax(
 
 def _codecs_leaf(x: Any) -> bool:
     return is_leaf(x)
+
+
+def _pack(count: Any, mu: Any, nu: Any, marker: Any = None) -> ScaleByAdamaxState:
+    """The state that keeps stored moments `mu` and `nu` (plain or encoded, per leaf).
+
+    `marker` is the state's ``block_size`` array to keep; None makes one where
+    a moment is block-wise.
+    """
+    sizes: set[int] = set()
+
+    def split(tree: Any) -> tuple[Any, Any]:
+        leaves, treedef = jax.tree.flatten(tree, is_leaf=_codecs_leaf)
+        pairs = [(None, None) if x is None else _codecs.split_moment(x) for x in leaves]
+        sizes.update(x.block_size for x in leaves if getattr(x, "block_size", None) is not None)
+        scales = [scale for _, scale in pairs]
+        scale_tree = None if all(x is None for x in scales) else treedef.unflatten(scales)
+        return treedef.unflatten([values for values, _ in pairs]), scale_tree
+
+    mu, mu_scale = split(mu)
+    nu, nu_scale = split(nu)
+    if marker is None and sizes:
+        (size,) = sizes
+        marker = jnp.zeros((size,), jnp.uint8)
+    return ScaleByAdamaxState(
+        count=count, mu=mu, nu=nu, mu_scale=mu_scale, nu_scale=nu_scale, block_size=marker
+    )
+
+
+def _check_is_state(state: Any) -> None:
+    """Refuses what is not a :class:`ScaleByAdamaxState`, such as a checkpoint read bare."""
+    if isinstance(state, ScaleByAdamaxState):
+        return
+    kind = type(state).__name__
+    keys = f" with keys {sorted(state)}" if isinstance(state, dict) else ""
+    raise ValueError(
+        f"`state` is a {kind}{keys}, not the ScaleByAdamaxState this transformation keeps. A "
+        "checkpoint restored without a target gives its arrays back in plain dicts and "
+        "lists, which no longer say what they hold. Restore into the target "
+        "`adamax_jax.abstract_state(opt, params)` (orbax: `checkpointer.restore(path, "
+        "abstract_state(opt, params))`; flax: `from_bytes(opt.init(params), data)`)."
+    )
+
+
+def _recorded_block_size(marker: Any) -> int | None:
+    """The block size a state's ``block_size`` array records (its length), or None."""
+    if marker is None:
+        return None
+    shape = getattr(marker, "shape", None)
+    if shape is None or len(shape) != 1 or shape[0] < 1:
+        raise ValueError(
+            "`state.block_size` must be None or a 1-D array whose length is the block size, "
+            f"got {marker!r}. Build the state with `opt.init`."
+        )
+    return int(shape[0])
+
+
+def _unpack(state: ScaleByAdamaxState, block_size: int | None) -> tuple[list, Any, list, list]:
+    """The stored moments of `state`, leaf by leaf: paths, treedef, μs and νs.
+
+    Each moment is read the way it was written (see :class:`ScaleByAdamaxState`)
+    and checked; `block_size` is the reading optimizer's (None: any).
+    """
+    recorded = _recorded_block_size(state.block_size)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state.mu, is_leaf=_codecs_leaf)
+    paths = [path for path, _ in flat]
+
+    def leaves(tree: Any, name: str) -> list[Any]:
+        if tree is None:
+            return [None] * len(flat)
+        try:
+            return treedef.flatten_up_to(tree)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"`state.{name}` does not have the structure of `state.mu`: {e}"
+            ) from e
+
+    def read(role: Role, values: list[Any], scales: list[Any]) -> list[Any]:
+        out = []
+        for path, x, scale in zip(paths, values, scales, strict=True):
+            where = f"state.{role}{jax.tree_util.keystr(path)}"
+            if x is None:
+                if scale is not None:
+                    raise ValueError(f"`{where}` is None but has a scale.")
+                out.append(None)
+                continue
+            x = _codecs.join_moment(x, scale, where, role, recorded, block_size)
+            _codecs.check_moment(x, where, role)
+            out.append(x)
+        return out
+
+    mus = read("mu", [x for _, x in flat], leaves(state.mu_scale, "mu_scale"))
+    nus = read("nu", leaves(state.nu, "nu"), leaves(state.nu_scale, "nu_scale"))
+    return paths, treedef, mus, nus
 
 
 def _float_count(count: jax.Array) -> jax.Array:
@@ -462,16 +565,7 @@ def infinity_norm(state: Any) -> optax.Updates:
     Raises:
         ValueError: If `state` holds no AdaMax state, or several.
     """
-    inner = adamax_state(state)
-
-    def leaf(v):
-        if v is None:
-            return None
-        if _codecs.is_encoded(v):
-            return _codecs.decode(v, compute_dtype(v.codes.dtype))
-        return v
-
-    return jax.tree.map(leaf, inner.nu, is_leaf=_codecs_leaf)
+    return _read_moments(adamax_state(state))[1]
 
 
 def first_moment(state: Any) -> optax.Updates:
@@ -491,16 +585,20 @@ def first_moment(state: Any) -> optax.Updates:
     Raises:
         ValueError: If `state` holds no AdaMax state, or several.
     """
-    inner = adamax_state(state)
+    return _read_moments(adamax_state(state))[0]
 
-    def leaf(m):
-        if m is None:
+
+def _read_moments(state: ScaleByAdamaxState) -> tuple[Any, Any]:
+    """The values of μ and ν of `state`, trees shaped like the parameters, in the compute dtype."""
+    _check_is_state(state)
+    _, treedef, mus, nus = _unpack(state, None)
+
+    def value(x: Any) -> Any:
+        if x is None:
             return None
-        if _codecs.is_encoded(m):
-            return _codecs.decode(m, compute_dtype(m.codes.dtype))
-        return m.astype(compute_dtype(m.dtype))
+        return _codecs.decode(x, compute_dtype(_codecs.storage_dtype(x)))
 
-    return jax.tree.map(leaf, inner.mu, is_leaf=_codecs_leaf)
+    return tuple(treedef.unflatten([value(x) for x in xs]) for xs in (mus, nus))  # type: ignore[return-value]
 
 
 def _adam_like_states(state: Any) -> list[tuple[str, Any]]:
@@ -534,8 +632,26 @@ def convert_state(
         state: The state to convert: anything holding exactly one
             :class:`ScaleByAdamaxState` or ``optax.ScaleByAdamState`` (the
             state of ``optax.adamax(...)``, ``optax.adamaxw(...)``, a chain).
+            Or a framework's AdaMax state, to continue its run: a
+            ``torch.optim.Adamax`` or its ``state_dict()``; a built
+            ``keras.optimizers.Adamax``, or a dict of its variables
+            (``"iterations"``, and ``"momentums"`` and ``"norms"`` in its
+            variables' order) with its ``get_config()`` under ``"config"``.
+            The framework's parameters, in its order (PyTorch's param groups,
+            one after another; the variables Keras was built with), map to
+            the leaves of `params` in ``jax.tree.leaves`` order; or pass
+            ``(state, from_list)``, with ``from_list`` the function that ports
+            the parameters: it takes the framework's list (NumPy arrays, in
+            the framework's dtype) and gives a tree shaped like `params`,
+            transposing where layouts differ. The framework's step count is
+            carried over, and its hyperparameters are checked against `opt`'s
+            (``eps_mode="inside_max"`` for PyTorch, ``"denominator"`` for
+            Keras; the learning rate, a schedule's at that count, weight decay
+            and ``maximize`` where `opt` is an alias). See docs/porting.md.
         opt: The optimizer to continue with, holding exactly one
-            :class:`ScaleByAdamaxState`.
+            :class:`ScaleByAdamaxState`. For a framework's state it must be
+            built by ``adamax``, ``adamaxw`` or ``scale_by_adamax``, so that
+            its hyperparameters can be read.
         params: The parameters `opt` will update (arrays, or
             ``jax.ShapeDtypeStruct``), shaped like the state's moments.
 
@@ -587,7 +703,7 @@ def convert_state(
                 f"`state` holds a {role} of shape {jnp.shape(value)} where `opt` keeps one of "
                 f"shape {jnp.shape(template)}."
             )
-        real = _codecs.decode(value, compute_dtype(_codecs.storage_dtype(value)))
+        real = jnp.asarray(value)
         if jnp.iscomplexobj(real) and not jnp.iscomplexobj(_codecs.stored_values(template)):
             # optax keeps ν of a complex parameter as complex numbers: u and 0j.
             real = real.real
@@ -595,10 +711,17 @@ def convert_state(
 
     _validation.check_same_structure("state.mu", source.mu, "params", params)
     _validation.check_same_structure("state.nu", source.nu, "params", params)
-    mu = jax.tree.map(lambda t, v: moment(t, v, "mu"), inner.mu, source.mu, is_leaf=leaf_or_masked)
-    nu = jax.tree.map(lambda t, v: moment(t, v, "nu"), inner.nu, source.nu, is_leaf=leaf_or_masked)
-    converted = ScaleByAdamaxState(
-        count=_step_count(source.count, "count", inner.count.dtype), mu=mu, nu=nu
+    # The values the source's moments hold, and the layout `opt` stores them in.
+    if isinstance(source, ScaleByAdamaxState):
+        source_mu, source_nu = _read_moments(source)
+    else:
+        source_mu, source_nu = source.mu, source.nu
+    _, treedef, target_mu, target_nu = _unpack(inner, None)
+    target_mu, target_nu = treedef.unflatten(target_mu), treedef.unflatten(target_nu)
+    mu = jax.tree.map(lambda t, v: moment(t, v, "mu"), target_mu, source_mu, is_leaf=leaf_or_masked)
+    nu = jax.tree.map(lambda t, v: moment(t, v, "nu"), target_nu, source_nu, is_leaf=leaf_or_masked)
+    converted = _pack(
+        _step_count(source.count, "count", inner.count.dtype), mu, nu, inner.block_size
     )
 
     # The learning rate's own clock: a schedule's count, or inject_hyperparams' (its

@@ -12,7 +12,9 @@ def _is_none(x: Any) -> bool:
 
 def is_leaf(x: Any) -> bool:
     """A leaf of a parameter-shaped tree: None, or a stored moment with its scale."""
-    return x is None or getattr(x, "__adamax_moment__", False)
+    # Read from the type: containers such as flax.nnx's Variable hand attribute
+    # look-ups on to the value they wrap, and would pass for a moment themselves.
+    return x is None or getattr(type(x), "__adamax_moment__", False)
 
 
 def map_unzip(fn: Callable[..., tuple], n: int, primary: Any, *rest: Any) -> tuple[Any, ...]:

@@ -26,8 +26,8 @@ from adamax_jax._tree import is_leaf
 
 INT32_MAX = int(np.iinfo(np.int32).max)
 
-# The storage dtypes of the moments. Complex ones only for complex parameters
-# (see `check_storage_dtype`); 8-bit ones (block-wise) are checked by
+# The storage dtypes of the moments (a complex one stores a real parameter's
+# moments in its real counterpart); 8-bit ones (block-wise) are checked by
 # `check_moment_dtype` and `check_eight_bit`.
 STORAGE_DTYPES: tuple[jnp.dtype, ...] = tuple(
     jnp.dtype(d)
@@ -114,6 +114,33 @@ def _checked(name: str, value: Any, ok: Any, requirement: str) -> Any:
     if not ok(f):
         raise ValueError(f"`{name}` must be {requirement}, got {value!r}{_read_as(value, f)}.")
     return f
+
+
+def check_wide_enough(name: str, value: Any) -> None:
+    """Refuses β₁, β₂ or ε that arrives in a floating dtype of fewer than 32 bits.
+
+    ``optax.inject_hyperparams`` injects hyperparameters in the parameters'
+    dtype unless told otherwise: with bfloat16 parameters β₁ = 0.9 arrives as
+    0.8984375 and β₂ = 0.999 as 1.0, so that u would never decay. The dtype is
+    known when the step is traced, so this is refused then, concrete or not.
+
+    Raises:
+        ValueError: Naming `name`, the dtype and the fix.
+    """
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or isinstance(value, (int, float)):
+        return
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize >= 4:
+        return
+    read = "" if is_traced(value) else f" (it reads {float(np.asarray(value, np.float32))!r})"
+    raise ValueError(
+        f"`{name}` arrived as a {dtype} array{read}: rounded to {dtype} it is another "
+        "AdaMax (β₂ = 0.999 is 1.0 in bfloat16, and u would never decay). "
+        "`optax.inject_hyperparams` injects hyperparameters in the parameters' dtype: pass "
+        "`hyperparam_dtype=jnp.float32` to it, or give β₁, β₂ and ε as float32 (or wider) "
+        "arrays or Python numbers."
+    )
 
 
 def check_interval(
@@ -276,12 +303,16 @@ def check_bool(name: str, value: Any) -> None:
 
 
 def check_dtype(name: str, value: Any) -> None:
-    """A storage dtype: None (the parameter's own) or one of `STORAGE_DTYPES`.
+    """A floating storage dtype: None (the parameter's own) or one of `STORAGE_DTYPES`.
+
+    For arrays stored element by element, such as the buffer of
+    :func:`adamax_jax.compensate_rounding`; the moments' own dtypes, which may
+    also be 8-bit (block-wise), are checked by :func:`check_moment_dtype`.
 
     Raises:
-        ValueError: For an 8-bit float (8-bit state is not supported yet), and
-            for any other dtype that is not float16, bfloat16, float32,
-            float64, complex64 or complex128.
+        ValueError: For an 8-bit float (3 or 2 mantissa bits, which would drop
+            again what such a buffer keeps), and for any other dtype that is
+            not float16, bfloat16, float32, float64, complex64 or complex128.
     """
     if value is None:
         return
@@ -291,46 +322,20 @@ def check_dtype(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a floating dtype or None, got {value!r}.") from e
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
         raise ValueError(
-            f"`{name}` got {value!r} ({dtype}): 8-bit state is not supported yet; use "
-            "bfloat16 or float16 for a smaller state."
+            f"`{name}` got {value!r} ({dtype}): an 8-bit float has too few mantissa bits "
+            "to keep what rounding drops, element by element; use bfloat16, float16 or "
+            "float32 here (8-bit storage is for the moments: `mu_dtype` and `nu_dtype`)."
         )
     if dtype not in STORAGE_DTYPES:
         accepted = ", ".join(str(d) for d in STORAGE_DTYPES)
         raise ValueError(f"`{name}` must be None or one of {accepted}; got {value!r}.")
 
 
-def check_storage_dtype(name: str, dtype: Any, param_dtype: Any, path: str) -> None:
-    """Refuses a complex storage dtype for a real parameter.
-
-    A complex moment of a real parameter takes twice the memory, and every
-    update would discard its imaginary part (JAX warns that this cast will
-    become an error).
-
-    Args:
-        name: The argument that chose the dtype (``mu_dtype``, ``nu_dtype``).
-        dtype: That storage dtype, or None for the parameter's own.
-        param_dtype: The parameter's dtype.
-        path: The parameter's key path, for the message.
-
-    Raises:
-        ValueError: If `dtype` is complex and `param_dtype` is not.
-    """
-    if dtype is None or not jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
-        return
-    if not jnp.issubdtype(jnp.dtype(param_dtype), jnp.complexfloating):
-        raise ValueError(
-            f"`{name}` is {jnp.dtype(dtype)}, a complex dtype, but the parameter "
-            f"{path or '<root>'} is {jnp.dtype(param_dtype)}: a real parameter takes a real "
-            "storage dtype (float16, bfloat16, float32 or float64)."
-        )
-
-
 def check_storage_dtypes(params: Any, **dtypes: Any) -> None:
-    """:func:`check_storage_dtype` for every leaf of `params` and every named dtype.
+    """Refuses a parameter whose own dtype cannot store a moment where no dtype is named.
 
     Raises:
-        ValueError: Naming the argument and the first parameter's key path
-            where a complex storage dtype meets a real parameter.
+        ValueError: Naming the argument and the first parameter's key path.
     """
     for path, leaf in _paths(params).items():
         if leaf is not None:
@@ -343,7 +348,6 @@ def check_storage_dtypes(params: Any, **dtypes: Any) -> None:
                         + ", ".join(str(d) for d in STORAGE_DTYPES)
                         + ")."
                     )
-                check_storage_dtype(name, dtype, _dtype(leaf), path)
 
 
 def check_moment_dtype(name: str, value: Any) -> None:
@@ -376,6 +380,10 @@ def _is_eight_bit(value: Any) -> bool:
     return value is not None and jnp.dtype(value) in _EIGHT_BIT
 
 
+# The largest block: indices within a block are int32.
+MAX_BLOCK_SIZE = 2**31 - 1
+
+
 def check_eight_bit(
     mu_name: str, mu_dtype: Any, nu_name: str, nu_dtype: Any, block_size: Any
 ) -> None:
@@ -388,10 +396,20 @@ def check_eight_bit(
     """
     if block_size is None:
         return _check_eight_bit_dtypes(mu_name, mu_dtype, nu_name, nu_dtype)
+    if hasattr(block_size, "dtype") and not isinstance(block_size, (int, np.integer)):
+        # optax.inject_hyperparams makes every numeric argument a (traced) array.
+        raise ValueError(
+            f"`block_size` arrived as an array ({block_size!r}): it shapes the state, so "
+            "it cannot be a hyperparameter. Under `optax.inject_hyperparams` pass it in "
+            "`static_args`: `optax.inject_hyperparams(adamax, static_args=('block_size',))`."
+        )
     if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, numbers.Integral):
         raise ValueError(f"`block_size` must be a positive integer, got {block_size!r}.")
-    if block_size < 1:
-        raise ValueError(f"`block_size` must be a positive integer, got {block_size!r}.")
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(
+            f"`block_size` must be a positive integer of at most {MAX_BLOCK_SIZE} "
+            f"(2**31 - 1, an int32 index), got {block_size!r}."
+        )
     _check_eight_bit_dtypes(mu_name, mu_dtype, nu_name, nu_dtype)
 
 

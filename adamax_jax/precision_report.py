@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 import adamax_jax as ax
+from adamax_jax._codecs import EncodedMoment
 from adamax_jax._core import adamax_leaf
 from adamax_jax._precision import state_bytes
 
@@ -68,11 +69,11 @@ def _ablation(
     """AdaMax with `dtype` state stored by the given roundings, for arrays only."""
 
     def init_fn(params):
-        nu = jnp.zeros(params.shape, dtype)
         return ax.ScaleByAdamaxState(
             count=jnp.zeros([], jnp.int32),
             mu=jnp.zeros(params.shape, dtype),
-            nu=ax.EncodedMoment(nu, jnp.ones([], jnp.float32)) if scaled else nu,
+            nu=jnp.zeros(params.shape, dtype),
+            nu_scale=jnp.ones([], jnp.float32) if scaled else None,
         )
 
     def update_fn(updates, state, params=None):
@@ -80,21 +81,19 @@ def _ablation(
         count = jnp.asarray(optax.safe_increment(state.count))
         # Handing the leaf float32 state makes its own stores exact, so that
         # the roundings below are the only ones.
-        nu = state.nu
-        nu32 = (
-            ax.EncodedMoment(nu.codes.astype(jnp.float32), nu.scale)
-            if scaled
-            else nu.astype(jnp.float32)
-        )
+        nu32 = state.nu.astype(jnp.float32)
+        if scaled:
+            nu32 = EncodedMoment(nu32, state.nu_scale)
         direction, m, v = adamax_leaf(
             updates, state.mu.astype(jnp.float32), nu32, count, b1=B1, b2=B2, eps=EPS
         )
         key_m, key_v = jax.random.split(jax.random.fold_in(jax.random.key(1), count))
-        if scaled:
-            new_nu = ax.EncodedMoment(nu_store(v.codes, nu.codes, key_v), v.scale)
-        else:
-            new_nu = nu_store(v, nu, key_v)
-        new_state = ax.ScaleByAdamaxState(count=count, mu=mu_store(m, state.mu, key_m), nu=new_nu)
+        new_state = ax.ScaleByAdamaxState(
+            count=count,
+            mu=mu_store(m, state.mu, key_m),
+            nu=nu_store(v.codes if scaled else v, state.nu, key_v),
+            nu_scale=v.scale if scaled else None,
+        )
         return direction.astype(updates.dtype), new_state
 
     return optax.chain(

@@ -149,19 +149,31 @@ def param_like_trees(state):
     trees = {}
     for node in _nodes(state):
         if isinstance(node, ax.ScaleByAdamaxState):
-            trees["mu"], trees["nu"] = _codes(node.mu), _codes(node.nu)
+            trees["mu"], trees["nu"] = node.mu, node.nu
         elif isinstance(node, CompensateRoundingState):
             trees["compensation"] = node.compensation
     return trees
 
 
-def _is_moment(x):
-    return isinstance(x, ax.EncodedMoment)
-
-
-def _codes(tree):
-    """The parameter-shaped codes of a tree of moments."""
-    return jax.tree.map(lambda x: x.codes if _is_moment(x) else x, tree, is_leaf=_is_moment)
+def _scales(node, name, where=None):
+    """(path, codes, scale, placed codes, placed scale) for each moment of `name` with a scale."""
+    where = node if where is None else where
+    scales = getattr(node, f"{name}_scale")
+    if scales is None:
+        return []
+    leaves = jax.tree_util.tree_flatten_with_path(getattr(node, name))[0]
+    treedef = jax.tree.structure(getattr(node, name))
+    out = []
+    for (path, x), scale, px, ps in zip(
+        leaves,
+        treedef.flatten_up_to(scales),
+        treedef.flatten_up_to(getattr(where, name)),
+        treedef.flatten_up_to(getattr(where, f"{name}_scale")),
+        strict=True,
+    ):
+        if scale is not None:
+            out.append((path, x, scale, px, ps))
+    return out
 
 
 def block_scales(state, shardings=None):
@@ -176,15 +188,14 @@ def block_scales(state, shardings=None):
         where = next(n for n in _nodes(shardings) if isinstance(n, ax.ScaleByAdamaxState))
     out = {}
     for name in ("mu", "nu"):
-        leaves = jax.tree_util.tree_flatten_with_path(getattr(node, name), is_leaf=_is_moment)[0]
-        placed = jax.tree.leaves(getattr(where, name), is_leaf=_is_moment)
-        for (path, x), sh in zip(leaves, placed, strict=True):
-            if _is_moment(x) and x.block_size is not None:
-                codes = sh.codes if shardings is not None else sh.codes.sharding
-                scale = sh.scale if shardings is not None else sh.scale.sharding
-                out[f"{name}{jax.tree_util.keystr(path)}"] = spec_entries(
-                    codes.spec
-                ) == spec_entries(scale.spec) and equivalent(codes, scale, x.codes.ndim)
+        for path, x, scale_array, placed_codes, placed_scale in _scales(node, name, where):
+            if scale_array.ndim == 0:
+                continue
+            codes = placed_codes if shardings is not None else placed_codes.sharding
+            scale = placed_scale if shardings is not None else placed_scale.sharding
+            out[f"{name}{jax.tree_util.keystr(path)}"] = spec_entries(
+                codes.spec
+            ) == spec_entries(scale.spec) and equivalent(codes, scale, x.ndim)
     return out
 
 
@@ -192,12 +203,11 @@ def scalars(state):
     """The scalars of the AdaMax state: the count, and the scale of every scaled moment."""
     node = next(n for n in _nodes(state) if isinstance(n, ax.ScaleByAdamaxState))
     out = {"count": node.count}
-    for name, tree in (("mu", node.mu), ("nu", node.nu)):
-        leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_moment)[0]
-        for path, x in leaves:
+    for name in ("mu", "nu"):
+        for path, _, scale, _, _ in _scales(node, name):
             # Block-wise scales are arrays, split like their codes (block_scales).
-            if _is_moment(x) and x.block_size is None:
-                out[f"{name}{jax.tree_util.keystr(path)}.scale"] = x.scale
+            if scale.ndim == 0:
+                out[f"{name}{jax.tree_util.keystr(path)}.scale"] = scale
     return out
 
 

@@ -72,7 +72,7 @@ def test_a_count_or_scale_cast_below_32_bits_is_refused(dtype):
     with pytest.raises(ValueError, match=rf"`state.count` is {jnp.dtype(dtype).name}"):
         opt.update({"w": jnp.ones(3)}, cast, params)
     inner = cast[0]._replace(count=state[0].count)
-    with pytest.raises(ValueError, match=r"nu\['w'\]\.scale` must be a float32 scalar"):
+    with pytest.raises(ValueError, match=r"nu_scale\['w'\]` must be a float32 scalar"):
         opt.update({"w": jnp.ones(3)}, (inner, *cast[1:]), params)
 
 

@@ -141,12 +141,12 @@ def test_abstract_state_rejects_shardings_of_another_structure():
     other = ax.zero1_state_shardings(ax.adamax(0.01, nu_dtype=jnp.bfloat16), params, mesh, "data")
     plain = ax.zero1_state_shardings(opt, params, mesh, "data")
     with pytest.raises(
-        ValueError, match=r"(?s)structure of the state.*\[0\]\.nu\['w'\]\.scale: missing"
+        ValueError, match=r"(?s)structure of the state.*\[0\]\.nu_scale\['w'\]: missing"
     ):
         # The other way round: the state has a scale for each ν, `shardings` has not.
         ax.abstract_state(ax.adamax(0.01, nu_dtype=jnp.bfloat16), params, shardings=plain)
     with pytest.raises(
-        ValueError, match=r"\[0\]\.nu\['w'\]\.scale: NamedSharding in `shardings`, not in the state"
+        ValueError, match=r"\[0\]\.nu_scale\['w'\]: NamedSharding in `shardings`, not in the state"
     ):
         ax.abstract_state(opt, params, shardings=other)
 
@@ -366,7 +366,7 @@ def test_a_checkpoint_of_another_configuration_is_refused(resumed):
     message = facts["restore8"]["mismatch"]
     assert message is not None, "a float32 checkpoint restored into a bfloat16 state"
     assert "[0].mu['w1']: float32[8, 16] in `state`, expected bfloat16[8, 16]" in message
-    assert "[0].nu['w1'].scale: missing from `state`; expected float32[]" in message
+    assert "[0].nu_scale['w1']: missing from `state`; expected float32[]" in message
 
 
 @pytest.mark.parametrize("name", ["adamax", "compensated-bf16"])

@@ -575,7 +575,7 @@ def test_split_block_refusal_names_one_block_size_for_every_split_leaf():
     message = _refusal(params)
     assert "A `block_size` of 128 divides the shards of every split leaf" in message
     state = jax.eval_shape(ax.adamax(0.1, mu_dtype=jnp.int8, block_size=128).init, params)
-    assert state[0].mu["a"].scale.shape == (8, 20)
+    assert state[0].mu_scale["a"].shape == (8, 20)
 
 
 def test_split_block_refusal_names_no_block_size_below_the_least_block():

@@ -398,5 +398,6 @@ def test_scale_by_adamax_sign_and_state_layout():
     u, state = tx.update(jnp.array([0.5, -0.5]), state, p)
     np.testing.assert_allclose(u, [1.0, -1.0], rtol=1e-6)
     np.testing.assert_allclose(state.nu, [0.5, 0.5])
-    assert state._fields == ("count", "mu", "nu")
-    assert not isinstance(state.nu, ax.EncodedMoment)
+    # float32 state holds exactly the arrays of optax's: no scales, no block size.
+    assert state._fields == ("count", "mu", "nu", "mu_scale", "nu_scale", "block_size")
+    assert state.mu_scale is None and state.nu_scale is None and state.block_size is None

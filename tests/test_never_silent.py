@@ -1,0 +1,231 @@
+"""Inputs that once gave a wrong number without a word: each is now right, or refused by name.
+
+Hyperparameters injected in 16 bits, non-finite gradients in every storage dtype, complex
+storage dtypes on mixed trees (see test_validation.py), errors that name what is wrong, and
+which derivatives flow through which stores.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adamax_jax as ax
+
+BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
+ALIASES = {"adamax": ax.adamax, "adamaxw": ax.adamaxw, "nadamax": ax.nadamax}
+# Storage configurations: every kind of codec, for both moments.
+STORAGE = {
+    "float32": {},
+    "bf16-nu": {"nu_dtype": BF16},
+    "bf16": {"mu_dtype": BF16, "nu_dtype": BF16},
+    "f16": {"mu_dtype": F16, "nu_dtype": F16},
+    "int8-uint8": {"mu_dtype": jnp.int8, "nu_dtype": jnp.uint8},
+    "int8-int8": {"mu_dtype": jnp.int8, "nu_dtype": jnp.int8},
+    "e4m3": {"mu_dtype": jnp.float8_e4m3fn, "nu_dtype": jnp.float8_e4m3fn},
+    "e5m2": {"mu_dtype": jnp.float8_e5m2, "nu_dtype": jnp.float8_e5m2},
+    "bf16-uint8": {"mu_dtype": BF16, "nu_dtype": jnp.uint8},
+}
+EIGHT_BIT = {"int8-uint8", "int8-int8", "e4m3", "e5m2", "bf16-uint8"}
+# Two rows of 4096 values: block-wise for 8-bit storage, 16 blocks of 256 a row.
+SHAPE = (2, 4096)
+
+
+# --- 3. Hyperparameters that arrive in 16 bits -------------------------------------------------
+
+
+def _schedule(step):
+    return 1e-3 * 0.5 ** (step / 100)
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("learning_rate", [1e-3, _schedule], ids=["constant", "schedule"])
+def test_hyperparameters_injected_below_32_bits_are_refused(alias, dtype, learning_rate):
+    # optax injects hyperparameters in the parameters' dtype: β₂ = 0.999 arrives as 1.0 in
+    # bfloat16 and u would never decay. Refused, naming the fix, before any step is taken.
+    opt = optax.inject_hyperparams(ALIASES[alias])(learning_rate=learning_rate)
+    params = jnp.ones(3, dtype)
+    with pytest.raises(ValueError, match=r"`b1` arrived as a .*hyperparam_dtype=jnp\.float32"):
+        opt.init(params)
+
+
+@pytest.mark.parametrize("name", ["b1", "b2", "eps"])
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_each_16_bit_hyperparameter_is_refused_eagerly_and_traced(name, dtype):
+    value = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}[name]
+    with pytest.raises(ValueError, match=rf"`{name}` arrived as a {jnp.dtype(dtype).name}"):
+        ax.scale_by_adamax(**{name: jnp.asarray(value, dtype)})
+
+    @jax.jit
+    def traced(x):
+        return ax.adamax(**{name: x}).init(jnp.ones(2))
+
+    with pytest.raises(ValueError, match=rf"`{name}` arrived as a {jnp.dtype(dtype).name}"):
+        traced(jnp.asarray(value, dtype))
+    with pytest.raises(ValueError, match=rf"`{name}` arrived as a {jnp.dtype(dtype).name}"):
+        ax.adamax_step(1.0, 0.1, 0.0, 0.0, 1, **{name: jnp.asarray(value, dtype)})
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_float32_injected_hyperparameters_give_the_plain_optimizer(alias, dtype):
+    # The issue's case: g = 1 then 693 zero gradients; u decays to 0.999^693 ≈ 0.4999.
+    injected = optax.inject_hyperparams(ALIASES[alias], hyperparam_dtype=jnp.float32)(
+        learning_rate=1e-3
+    )
+    plain = ALIASES[alias](1e-3)
+    params = jnp.ones(3, dtype)
+    grads = jnp.zeros((694, 3), dtype).at[0].set(1)
+
+    def run(opt):
+        def body(state, g):
+            return opt.update(g, state, params)[1], None
+
+        return jax.lax.scan(body, opt.init(params), grads)[0]
+
+    u = np.asarray(ax.infinity_norm(jax.jit(lambda: run(injected))()), np.float64)
+    want = np.asarray(ax.infinity_norm(jax.jit(lambda: run(plain))()), np.float64)
+    np.testing.assert_allclose(u, want, rtol=1e-6)
+    # Not 1.0, as with β₂ rounded to 1: the exact 0.4999, up to the rounding up of a
+    # 16-bit ν (the plain optimizer's own).
+    np.testing.assert_allclose(u, 0.999**693, rtol=1e-2)
+
+
+# --- 4. A non-finite gradient stays visible ---------------------------------------------------
+
+
+@pytest.mark.usefixtures("standard_promotion")  # optax's own adamax, the reference
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("config", STORAGE)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_non_finite_gradient_gives_a_non_finite_update_then_and_later(config, bad, jit):
+    opt = ax.adamax(1e-3, **STORAGE[config])
+    params = jnp.ones(SHAPE)
+    state = opt.init(params)
+    update = jax.jit(opt.update) if jit else opt.update
+    bad_grads = jnp.ones(SHAPE).at[0, 0].set(bad)
+    reference = optax.adamax(1e-3)
+    ref_state = reference.init(params)
+    for step in range(3):
+        grads = bad_grads if step == 0 else jnp.ones(SHAPE)
+        updates, state = update(grads, state, params)
+        ref_updates, ref_state = reference.update(grads, ref_state, params)
+        # That element: NaN at the step of the bad gradient and every step after, as optax.
+        assert np.isnan(ref_updates[0, 0])
+        assert np.isnan(updates[0, 0]), (step, float(updates[0, 0]))
+        # Other rows stay finite; without 8-bit blocks, every other element does.
+        assert np.all(np.isfinite(updates[1]))
+        if config not in EIGHT_BIT or step == 0:
+            assert np.sum(~np.isfinite(updates)) == 1
+        else:
+            # An 8-bit block holds no inf: its scale does, and every value of the block
+            # reads NaN from then on (never a silent 0). Other blocks are untouched.
+            assert np.all(np.isnan(updates[0, :256]))
+            assert np.all(np.isfinite(updates[0, 256:]))
+
+
+@pytest.mark.parametrize("config", STORAGE)
+def test_apply_if_finite_skips_the_step_and_trains_on(config):
+    opt = optax.apply_if_finite(ax.adamax(1e-3, **STORAGE[config]), max_consecutive_errors=5)
+    clean = ax.adamax(1e-3, **STORAGE[config])
+    params = jnp.ones(SHAPE)
+    state, clean_state = opt.init(params), clean.init(params)
+    updates, state = opt.update(jnp.ones(SHAPE).at[0, 0].set(np.inf), state, params)
+    assert not np.any(updates)
+    for _ in range(2):
+        updates, state = opt.update(jnp.ones(SHAPE), state, params)
+        clean_updates, clean_state = clean.update(jnp.ones(SHAPE), clean_state, params)
+        chex.assert_trees_all_equal(updates, clean_updates)
+
+
+def test_a_float32_moment_past_float16s_range_still_saturates():
+    # Finite input gives finite output: only non-finite input stays non-finite.
+    opt = ax.adamax(1e-3, mu_dtype=F16, nu_dtype=F16)
+    params = jnp.zeros(4)
+    updates, state = opt.update(jnp.full(4, 1e30), opt.init(params), params)
+    assert np.all(np.isfinite(updates))
+    assert np.all(np.isfinite(ax.infinity_norm(state))) and np.all(np.isfinite(state[0].mu))
+
+
+# --- 6. Errors that say what is wrong ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [2**31, 2**63, 10**30])
+def test_a_block_size_past_int32_is_refused_by_name(block_size):
+    with pytest.raises(ValueError, match=r"`block_size` must be a positive integer of at most"):
+        ax.adamax(mu_dtype=jnp.int8, block_size=block_size)
+
+
+def test_the_largest_block_size_works():
+    opt = ax.adamax(1e-3, mu_dtype=jnp.int8, nu_dtype=jnp.uint8, block_size=2**31 - 1)
+    params = jnp.ones(SHAPE)
+    updates, state = opt.update(jnp.ones(SHAPE), opt.init(params), params)
+    assert state[0].mu_scale.shape == (2, 1) and np.all(np.isfinite(updates))
+
+
+def test_an_injected_block_size_says_to_use_static_args():
+    opt = optax.inject_hyperparams(
+        ax.adamax, static_args=("mu_dtype",), hyperparam_dtype=jnp.float32
+    )(learning_rate=1e-3, mu_dtype=jnp.int8, block_size=128)
+    with pytest.raises(ValueError, match=r"`block_size` arrived as an array.*static_args"):
+        opt.init(jnp.ones(SHAPE))
+    opt = optax.inject_hyperparams(
+        ax.adamax, static_args=("block_size", "mu_dtype"), hyperparam_dtype=jnp.float32
+    )(learning_rate=1e-3, mu_dtype=jnp.int8, block_size=128)
+    state = opt.init(jnp.ones(SHAPE))
+    assert ax.adamax_state(state).block_size.shape == (128,)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_compensate_rounding_in_8_bits_says_why(dtype):
+    with pytest.raises(ValueError, match=r"too few mantissa bits.*`mu_dtype` and `nu_dtype`"):
+        ax.compensate_rounding(dtype=dtype)
+
+
+# --- Derivatives: which flow through which stores ----------------------------------------------
+
+
+def _gradients():
+    k0, k1 = jax.random.split(jax.random.key(0))
+    return jax.random.normal(k0, SHAPE), jax.random.normal(k1, SHAPE)
+
+
+@pytest.mark.parametrize("config", STORAGE)
+def test_the_derivative_in_the_current_gradient_is_the_float32_steps(config):
+    # 8-bit state: the step is computed from the unrounded moments, so its derivative in
+    # this step's gradient is exactly that of a float32 step from the same stored values.
+    g0, g1 = _gradients()
+    opt, ref = ax.adamax(1e-3, **STORAGE[config]), ax.adamax(1e-3)
+    params = jnp.zeros(SHAPE)
+    _, state = opt.update(g0, opt.init(params), params)
+    as_float32 = ax.convert_state(state, ref, params)
+    d = jax.grad(lambda g: jnp.sum(opt.update(g, state, params)[0]))(g1)
+    d32 = jax.grad(lambda g: jnp.sum(ref.update(g, as_float32, params)[0]))(g1)
+    assert np.all(np.isfinite(d)) and np.any(d)
+    if config in EIGHT_BIT or config == "float32":
+        chex.assert_trees_all_equal(d, d32)
+
+
+@pytest.mark.parametrize("config", STORAGE)
+def test_derivatives_through_a_stored_moment(config):
+    # Through the state, in an earlier gradient: 32- and 16-bit stores pass the derivative of
+    # the unrounded moment on (straight through); 8-bit codes are integers and pass none.
+    g0, g1 = _gradients()
+    opt = ax.adamax(1e-3, **STORAGE[config])
+    params = jnp.zeros(SHAPE)
+
+    def two_steps(g0):
+        _, state = opt.update(g0, opt.init(params), params)
+        return jnp.sum(opt.update(g1, state, params)[0])
+
+    d = jax.grad(two_steps)(g0)
+    assert np.all(np.isfinite(d))
+    kw = STORAGE[config]
+    both_eight_bit = all(jnp.dtype(kw.get(k, F32)).itemsize == 1 for k in ("mu_dtype", "nu_dtype"))
+    if both_eight_bit:
+        assert not np.any(d)
+    else:
+        assert np.mean(np.abs(d)) > 1e-5
