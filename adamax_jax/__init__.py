@@ -2,7 +2,8 @@
 
 from adamax_jax._checkpoint import abstract_state as abstract_state
 from adamax_jax._checkpoint import check_state as check_state
-from adamax_jax._codecs import EncodedMoment as EncodedMoment
+from adamax_jax._porting import assign_to_keras as assign_to_keras
+from adamax_jax._porting import to_torch_state_dict as to_torch_state_dict
 from adamax_jax._precision import CompensateRoundingState as CompensateRoundingState
 from adamax_jax._precision import compensate_rounding as compensate_rounding
 from adamax_jax._sharding import zero1_state_shardings as zero1_state_shardings
@@ -21,13 +22,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompensateRoundingState",
-    "EncodedMoment",
     "ScaleByAdamaxState",
     "abstract_state",
     "adamax",
     "adamax_state",
     "adamax_step",
     "adamaxw",
+    "assign_to_keras",
     "check_state",
     "compensate_rounding",
     "convert_state",
@@ -35,5 +36,6 @@ __all__ = [
     "infinity_norm",
     "nadamax",
     "scale_by_adamax",
+    "to_torch_state_dict",
     "zero1_state_shardings",
 ]

@@ -661,7 +661,12 @@ def convert_state(
     Raises:
         ValueError: If either state holds no AdaMax state or several, or the
             moments do not have the structure and shapes of `params` (the key
-            paths are named).
+            paths are named). For a framework's state also: another
+            optimizer's state, a missing parameter, a shape or dtype that
+            differs from its leaf of `params` (both named), per-parameter step
+            counts or param groups that differ, or a hyperparameter that
+            differs from `opt`'s (both values named), or `opt`'s that cannot
+            be read.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -675,6 +680,10 @@ def convert_state(
         >>> print(ax.infinity_norm(state)["w"])
         [0.5 0.5 0.5]
     """
+    from adamax_jax import _porting  # here: _porting imports this module
+
+    if _porting.is_framework_state(state):
+        return _porting.from_framework(state, opt, params)
     found = _adam_like_states(state)
     if len(found) != 1:
         where = ", ".join(p or "<root>" for p, _ in found) or "nowhere"
