@@ -984,7 +984,7 @@ def block_peaks(x: jax.Array, layout: Any) -> jax.Array:
     """
     if _blocked(layout):
         # Laid out as blocks, XLA on CPU reduces `x` and `-x` together as it reads
-        # `x`, where it would write ``|x|`` out first (about ten times slower); in
+        # `x`, where it would write ``|x|`` out first (several times slower); in
         # windows it is the other way round.
         largest, negated = _block_maxima((x, -x), layout)
         return jnp.maximum(largest, negated)

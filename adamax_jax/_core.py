@@ -161,6 +161,7 @@ def _leaf(
     complex_mode: ComplexMode = "modulus",
     guard_zero: bool = False,
     corrections: tuple[jax.Array, jax.Array | None] | None = None,
+    stream: jax.typing.ArrayLike = 0,
 ) -> tuple[jax.Array, Any, Any]:
     r"""One AdaMax step for one array.
 
@@ -191,6 +192,8 @@ def _leaf(
             ε, and only where every gradient so far was 0, so that m is 0 too).
         corrections: :func:`bias_corrections` for this leaf's real compute
             dtype, when the caller shares them between leaves.
+        stream: A number that differs from leaf to leaf of a tree, so that
+            their rounding draws are independent (:func:`adamax_jax._precision.seed`).
 
     Returns:
         The direction in the compute dtype, and the new ``m`` and ``v`` in
@@ -246,7 +249,7 @@ def _leaf(
         m,
         "mu",
         _codecs.next_scale(m, "mu", b2),
-        salt=_precision.seed(g, count),
+        salt=_precision.seed(g, count, stream),
         peak=m_peak,
     )
     v_stored = _codecs.encode(

@@ -62,16 +62,35 @@ def store_moment(
     return _store_stochastic(value, previous, jnp.asarray(seed).astype(jnp.uint32))
 
 
-def seed(gradient: jax.Array, count: jax.typing.ArrayLike) -> jax.Array:
+def seed(
+    gradient: jax.Array, count: jax.typing.ArrayLike, stream: jax.typing.ArrayLike = 0
+) -> jax.Array:
     """uint32 bits per element for the rounding draws of one step.
 
-    From the gradient's bits and the step count: inputs of the step, so that
-    an eager and a compiled step (whose float32 arithmetic may differ in the
-    last bit) draw the same, and nothing is carried in the state.
+    From the gradient's bits, the step count, the element's position in its
+    leaf and the leaf's `stream` (its index in the tree): inputs of the step,
+    so that an eager and a compiled step (whose float32 arithmetic may differ
+    in the last bit) draw the same, and nothing is carried in the state. The
+    position keeps equal values in different blocks or leaves (the zero
+    gradients of unused embedding rows, say) from rounding alike; it is an
+    iota, which the compiler partitions with the array, so that the draws do
+    not depend on how the leaf is sharded.
     """
     g = gradient.real if jnp.iscomplexobj(gradient) else gradient
     bits = lax.bitcast_convert_type(g.astype(jnp.float32), jnp.uint32)
-    return bits ^ (jnp.asarray(count).astype(jnp.uint32) * jnp.uint32(0x9E3779B9))
+    position = jnp.zeros(g.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(g.ndim)):
+        position = position + lax.broadcasted_iota(jnp.uint32, g.shape, axis) * jnp.uint32(
+            stride & 0xFFFFFFFF
+        )
+        stride *= g.shape[axis]
+    where = position + jnp.asarray(stream).astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)
+    return (
+        bits
+        ^ (jnp.asarray(count).astype(jnp.uint32) * jnp.uint32(0x9E3779B9))
+        ^ _mix(where + jnp.uint32(0x27D4EB2F))
+    )
 
 
 def _mix(h: jax.Array) -> jax.Array:
@@ -133,6 +152,7 @@ def saturate(rounded: jax.Array, value: jax.Array, big: jax.typing.ArrayLike) ->
     that the steps taken from it stay non-finite, as optax's do, instead of
     continuing silently from a made-up value.
     """
+    big = jnp.asarray(big, rounded.dtype)
     held = jnp.clip(rounded, -big, big)
     return jnp.where(jnp.isfinite(value), held, value.astype(held.dtype))
 

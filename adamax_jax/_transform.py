@@ -365,7 +365,7 @@ def _scale_by_adamax(
         grads = treedef.flatten_up_to(updates)
         ps = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
 
-        def leaf(path, m, g, v, p):
+        def leaf(i, path, m, g, v, p):
             if g is None:
                 return None, None, None
             where = jax.tree_util.keystr(path)
@@ -375,7 +375,13 @@ def _scale_by_adamax(
                 corrections[rdt] = bias_corrections(b1, t, rdt, nesterov)
             # On Explicit axes the state's layout rules (ZeRO-1 splits it further).
             direction, m_new, v_new = step(
-                reshard_like(g, _codecs.stored_values(m)), m, v, t, corrections=corrections[rdt]
+                reshard_like(g, _codecs.stored_values(m)),
+                m,
+                v,
+                t,
+                corrections=corrections[rdt],
+                # Each leaf draws its own roundings.
+                stream=jnp.asarray(i, jnp.uint32),
             )
             if float32_updates:
                 # The aliases keep the update in the state's layout through the weight
@@ -385,8 +391,8 @@ def _scale_by_adamax(
             return reshard_like(direction.astype(g.dtype), g), m_new, v_new
 
         results = [
-            leaf(path, m, g, v, p)
-            for path, m, g, v, p in zip(paths, mus, grads, nus, ps, strict=True)
+            leaf(i, path, m, g, v, p)
+            for i, (path, m, g, v, p) in enumerate(zip(paths, mus, grads, nus, ps, strict=True))
         ]
         directions, mu, nu = (treedef.unflatten([r[i] for r in results]) for i in range(3))
         return directions, _pack(count, mu, nu, state.block_size)

@@ -405,7 +405,7 @@ def check_eight_bit(
         )
     if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, numbers.Integral):
         raise ValueError(f"`block_size` must be a positive integer, got {block_size!r}.")
-    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+    if not 1 <= int(block_size) <= MAX_BLOCK_SIZE:
         raise ValueError(
             f"`block_size` must be a positive integer of at most {MAX_BLOCK_SIZE} "
             f"(2**31 - 1, an int32 index), got {block_size!r}."

@@ -229,3 +229,34 @@ def test_derivatives_through_a_stored_moment(config):
         assert not np.any(d)
     else:
         assert np.mean(np.abs(d)) > 1e-5
+
+
+# --- Stochastic rounding: independent draws across blocks and leaves ----------------------------
+
+
+@pytest.mark.parametrize("mu_dtype", [BF16, F16, jnp.int8, jnp.float8_e4m3fn])
+def test_equal_values_in_other_leaves_and_blocks_round_independently(mu_dtype):
+    # Two leaves holding the same values, and the blocks of one leaf holding the same values,
+    # under zero gradients (unused embedding rows): each store rounds up or down by its own
+    # draw, so that the two agree about as often as independent draws do, not every time.
+    opt = ax.adamax(1e-3, mu_dtype=mu_dtype)
+    row = jnp.linspace(0.1, 1.0, 256)
+    g0 = jnp.tile(row, 32)
+    params = {"a": jnp.zeros(g0.shape), "b": jnp.zeros(g0.shape)}
+    _, state = opt.update({"a": g0, "b": g0}, opt.init(params), params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    update = jax.jit(opt.update)
+    alike_leaves, alike_blocks = [], []
+    before = ax.first_moment(state)
+    for _ in range(20):
+        _, state = update(zeros, state, params)
+        after = ax.first_moment(state)
+        # Each value's decay this step: exactly β₁ where rounding went one way.
+        decay = {k: np.asarray(after[k]) / np.asarray(before[k]) for k in after}
+        alike_leaves.append(np.mean(decay["a"] == decay["b"]))
+        alike_blocks.append(np.mean(decay["a"][:256] == decay["a"][256:512]))
+        before = after
+    # The values are the same in both leaves and in both blocks, so that the stores are
+    # alike only by chance; shared draws would make them alike every time.
+    assert np.mean(alike_leaves) < 0.9, np.mean(alike_leaves)
+    assert np.mean(alike_blocks) < 0.9, np.mean(alike_blocks)
