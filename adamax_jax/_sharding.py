@@ -293,7 +293,19 @@ def zero1_state_shardings(
         ]
         return NamedSharding(mesh, PartitionSpec(*spec))
 
-    def moments(shape: Any, sharding: Any, role: str, block: int | None) -> tuple[Any, Any]:
+    def blockwise_leaves(shape: Any) -> list[bool]:
+        """Whether either moment of each parameter is block-wise (its scale has an axis)."""
+        flat, treedef = jax.tree.flatten(shape.mu, is_leaf=_is_none)
+        out = [False] * len(flat)
+        for scales in (shape.mu_scale, shape.nu_scale):
+            if scales is not None:
+                for i, c in enumerate(treedef.flatten_up_to(scales)):
+                    out[i] = out[i] or (c is not None and len(c.shape) > 0)
+        return out
+
+    def moments(
+        shape: Any, sharding: Any, role: str, block: int | None, blockwise_leaf: list[bool]
+    ) -> tuple[Any, Any]:
         values, scales = getattr(shape, role), getattr(shape, f"{role}_scale")
         flat, treedef = jax.tree.flatten(values, is_leaf=_is_none)
         placed_values = treedef.flatten_up_to(getattr(sharding, role))
@@ -303,16 +315,20 @@ def zero1_state_shardings(
             scales_flat = treedef.flatten_up_to(scales)
             placed_scales = treedef.flatten_up_to(getattr(sharding, f"{role}_scale"))
         out_values, out_scales = [], []
-        for v, v_sh, c, c_sh in zip(flat, placed_values, scales_flat, placed_scales, strict=True):
+        for v, v_sh, c, c_sh, either in zip(
+            flat, placed_values, scales_flat, placed_scales, blockwise_leaf, strict=True
+        ):
             if v is None:
                 out_values.append(None)
                 out_scales.append(None)
                 continue
             # Block-wise codes and their per-block scales (one per block of the last
             # axis, the other axes those of the codes) are split alike, so that each
-            # device holds the scales of its own blocks.
+            # device holds the scales of its own blocks; and both moments of a
+            # parameter are split alike where either is block-wise (on Explicit axes
+            # the step combines them element by element).
             blockwise = c is not None and len(c.shape) > 0
-            codes = leaf(v, v_sh, block if blockwise else None)
+            codes = leaf(v, v_sh, block if either else None)
             out_values.append(codes)
             if c is None:
                 out_scales.append(None)
@@ -326,8 +342,9 @@ def zero1_state_shardings(
             return jax.tree.map(leaf, shape, sharding)
         marker = shape.block_size
         block = None if marker is None else int(marker.shape[0])
-        mu, mu_scale = moments(shape, sharding, "mu", block)
-        nu, nu_scale = moments(shape, sharding, "nu", block)
+        either = blockwise_leaves(shape)
+        mu, mu_scale = moments(shape, sharding, "mu", block, either)
+        nu, nu_scale = moments(shape, sharding, "nu", block, either)
         return shape._replace(
             count=leaf(shape.count, sharding.count),
             mu=mu,
