@@ -384,6 +384,17 @@ def holds_floor(x: Any, dtype: jax.typing.DTypeLike) -> bool:
     return jnp.dtype(x.dtype) == dtype
 
 
+def holds_value(x: Any, dtype: jax.typing.DTypeLike) -> bool:
+    """Whether a stored plain μ holds every finite `dtype` value, rounded (no saturation).
+
+    False for float16 (it ends at 65504); true for bfloat16 (float32's range) and
+    for 32 bits or more.
+    """
+    stored = jnp.dtype(x.codes.dtype if is_encoded(x) else x.dtype)
+    real = jnp.dtype(jnp.finfo(dtype).dtype)
+    return float(jnp.finfo(stored).max) >= float(jnp.finfo(real).max) * (1 - 2.0**-8)
+
+
 def _uint_of(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
 

@@ -276,7 +276,11 @@ def _leaf(
         # says; their step is taken from the unrounded moments, which it reads in
         # the same pass.)
         m_stored, v_stored = _codecs.barrier(m_stored, v_stored)
-        m_new = _codecs.decode(m_stored, cdt)
+        if _codecs.holds_value(m_stored, cdt):
+            m_new = _codecs.decode(m_stored, cdt)
+        # else a float16 μ, which saturates at 65504: the step keeps the unrounded m
+        # (its rounding enters later steps), so that a gradient past float16's range
+        # still steps by the learning rate.
         v_new = _codecs.decode(v_stored, mag.dtype)
         if split:
             v_new = _split_apply(jnp.maximum, mag, v_new)

@@ -193,7 +193,7 @@ def scale_by_adamax(
             ``jnp.float8_e5m2``.
         nu_dtype: Storage dtype of ``nu``; defaults to the parameter's dtype.
             Floating, or 8-bit: those of `mu_dtype` and ``jnp.uint8``.
-        block_size: Values per block of 8-bit storage, along the last axis
+        block_size: Values per block of 8-bit storage, 1 to 4096, along the last axis
             (None: 256). Under ``optax.inject_hyperparams`` pass it in
             ``static_args``.
 
@@ -320,6 +320,7 @@ def _scale_by_adamax(
     ) -> tuple[optax.Updates, ScaleByAdamaxState]:
         del extra_args
         _check_is_state(state)
+        _check_not_old_layout(state)
         updates = jax.tree.map(_as_leaf, updates, is_leaf=_is_none)
         _validation.check_same_structure("updates", updates, "state.mu", state.mu)
         _validation.check_same_structure("state.nu", state.nu, "state.mu", state.mu)
@@ -458,6 +459,23 @@ def _check_is_state(state: Any) -> None:
     )
 
 
+def _check_not_old_layout(state: ScaleByAdamaxState) -> None:
+    """Refuses moments kept as ``{'codes', 'scale'}`` nodes, the layout of earlier releases."""
+    for role in ("mu", "nu"):
+        for path, _ in jax.tree_util.tree_flatten_with_path(getattr(state, role))[0]:
+            keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+            if keys and keys[-1] in ("codes", "scale"):
+                where = jax.tree_util.keystr(path[:-1])
+                raise ValueError(
+                    f"`state.{role}{where}` holds {keys[-1]!r}: moments kept as codes and "
+                    "scale inside `mu` and `nu` are the layout of earlier releases. Rebuild the "
+                    "state: read the values (codes times scale) into an "
+                    "`optax.ScaleByAdamState(count, mu, nu)` and pass it to "
+                    "`adamax_jax.convert_state(state, opt, params)`; restore checkpoints "
+                    "into `adamax_jax.abstract_state(opt, params)`."
+                )
+
+
 def _recorded_block_size(marker: Any) -> int | None:
     """The block size a state's ``block_size`` array records (its length), or None."""
     if marker is None:
@@ -466,7 +484,7 @@ def _recorded_block_size(marker: Any) -> int | None:
     if shape is None or len(shape) != 1 or shape[0] < 1:
         raise ValueError(
             "`state.block_size` must be None or a 1-D array whose length is the block size, "
-            f"got {marker!r}. Build the state with `opt.init`."
+            f"got {type(marker).__name__} of shape {shape}. Build the state with `opt.init`."
         )
     return int(shape[0])
 
@@ -929,7 +947,7 @@ def adamax(
         nu_dtype: Storage dtype of the infinity norm; defaults to the
             parameter's. Below 32 bits it is stored scaled so that it still
             decays, see :func:`scale_by_adamax`.
-        block_size: Values per block of 8-bit storage (None: 256), see
+        block_size: Values per block of 8-bit storage (1 to 4096; None: 256), see
             :func:`scale_by_adamax`.
         compensated: Add :func:`compensate_rounding` at the end, so that
             bfloat16 or float16 parameters keep updates smaller than their
@@ -1007,7 +1025,7 @@ def adamaxw(
         complex_mode: "modulus" or "split", see :func:`scale_by_adamax`.
         mu_dtype: Storage dtype of the first moment.
         nu_dtype: Storage dtype of the infinity norm.
-        block_size: Values per block of 8-bit storage (None: 256), see
+        block_size: Values per block of 8-bit storage (1 to 4096; None: 256), see
             :func:`scale_by_adamax`.
         compensated: Add :func:`compensate_rounding` at the end.
 
@@ -1083,7 +1101,7 @@ def nadamax(
         complex_mode: "modulus" or "split", see :func:`scale_by_adamax`.
         mu_dtype: Storage dtype of the first moment.
         nu_dtype: Storage dtype of the infinity norm.
-        block_size: Values per block of 8-bit storage (None: 256), see
+        block_size: Values per block of 8-bit storage (1 to 4096; None: 256), see
             :func:`scale_by_adamax`.
         compensated: Add :func:`compensate_rounding` at the end.
 

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import adamax_jax as ax
+from adamax_jax._precision import state_bytes
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 ALIASES = {"adamax": ax.adamax, "adamaxw": ax.adamaxw, "nadamax": ax.nadamax}
@@ -158,20 +159,50 @@ def test_a_float32_moment_past_float16s_range_still_saturates():
     assert np.all(np.isfinite(ax.infinity_norm(state))) and np.all(np.isfinite(state[0].mu))
 
 
+# --- A float16 μ past its range still steps by the learning rate --------------------------------
+
+
+@pytest.mark.parametrize("g", [1e6, 3e38])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_float16_mu_past_its_range_keeps_the_first_step_at_the_learning_rate(g, jit):
+    """guards.md: "a gradient at float32's largest value gives a step of the learning rate", in
+    every storage dtype. At t = 1 the step is α (1 - β₁) g / ((1 - β₁) |g|) = α exactly, as
+    optax.adamax and float32 state give. A float16 μ saturates at 65504; a step taken from the
+    stored μ would be 0.655 α for g = 1e6, 2e-33 α for g = 3e38 (the parameter frozen).
+    """
+    opt = ax.adamax(1.0, mu_dtype=jnp.float16)
+    params = jnp.zeros(3, F32)
+    update = jax.jit(opt.update) if jit else opt.update
+    updates, _ = update(jnp.full(3, g, F32), opt.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates), -1.0, rtol=1e-3)
+
+
+def test_float16_parameters_with_float32_gradients_keep_the_first_step_at_the_learning_rate():
+    """float16 parameters default to a float16 μ; a float32 gradient of 1e6 (mixed precision)
+    must still give a first step of α (to float16's rounding), not 0.655 α."""
+    opt = ax.adamax(1.0)
+    params = jnp.zeros(3, jnp.float16)
+    updates, _ = opt.update(jnp.full(3, 1e6, F32), opt.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates, np.float32), -1.0, rtol=1e-3)
+
+
 # --- 6. Errors that say what is wrong ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("block_size", [2**31, 2**63, 10**30])
-def test_a_block_size_past_int32_is_refused_by_name(block_size):
+@pytest.mark.parametrize("block_size", [4097, 2**31, 2**63, 10**30])
+def test_a_block_size_past_4096_is_refused_by_name(block_size):
     with pytest.raises(ValueError, match=r"`block_size` must be a positive integer of at most"):
         ax.adamax(mu_dtype=jnp.int8, block_size=block_size)
 
 
 def test_the_largest_block_size_works():
-    opt = ax.adamax(1e-3, mu_dtype=jnp.int8, nu_dtype=jnp.uint8, block_size=2**31 - 1)
+    opt = ax.adamax(1e-3, mu_dtype=jnp.int8, nu_dtype=jnp.uint8, block_size=4096)
     params = jnp.ones(SHAPE)
     updates, state = jax.jit(opt.update)(jnp.ones(SHAPE), opt.init(params), params)
     assert state[0].mu_scale.shape == (2, 1) and np.all(np.isfinite(updates))
+    # The block size is recorded in an array of its length: at most 4 KiB, whatever the state.
+    default = ax.adamax(1e-3, mu_dtype=jnp.int8, nu_dtype=jnp.uint8).init(params)
+    assert state_bytes(state) <= state_bytes(default) + 4096
 
 
 def test_an_injected_block_size_says_to_use_static_args():
@@ -268,3 +299,23 @@ def test_equal_values_in_other_leaves_and_blocks_round_independently(mu_dtype):
     # alike only by chance; shared draws would make them alike every time.
     assert np.mean(alike_leaves) < 0.9, np.mean(alike_leaves)
     assert np.mean(alike_blocks) < 0.9, np.mean(alike_blocks)
+
+
+def test_an_old_layout_state_is_refused_as_a_state_not_blamed_on_the_gradients():
+    """A state of the previous layout (μ as {'codes', 'scale'} dicts) is refused with a message
+    that blames `updates` ("`updates` does not have the structure of `state.mu`; missing from
+    `updates`: ['w']['codes'] ...") and says nothing of what to do. It must name the state and
+    the way out (`convert_state` / `abstract_state`)."""
+    params = {"w": jnp.ones((16, 512), F32)}
+    grads = {"w": jnp.full((16, 512), 0.1, F32)}
+    opt = ax.adamax(0.1, mu_dtype=jnp.int8, nu_dtype=jnp.uint8)
+    state = opt.init(params)
+    inner = state[0]
+    old = inner._replace(
+        mu={"w": {"codes": inner.mu["w"], "scale": inner.mu_scale["w"]}}, mu_scale=None
+    )
+    with pytest.raises(ValueError) as info:
+        opt.update(grads, (old,) + tuple(state[1:]), params)
+    message = str(info.value)
+    assert not message.startswith("`updates`"), message
+    assert "convert_state" in message or "abstract_state" in message, message
