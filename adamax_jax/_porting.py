@@ -51,9 +51,14 @@ _TORCH_GROUP_KEYS = frozenset(
     {"params", "lr", "betas", "eps", "weight_decay", "foreach", "maximize"}
     | {"differentiable", "capturable"}
 )
-# Keys PyTorch adds to a group without changing the step: the names given by
-# `named_parameters()`, and the rate an lr_scheduler started from.
-_TORCH_GROUP_BOOKKEEPING = frozenset({"param_names", "initial_lr"})
+# Keys PyTorch adds to a group that the step does not read: the names given by
+# `named_parameters()`, and what torch.optim.lr_scheduler and swa_utils keep there (the
+# rate a scheduler started from; OneCycleLR's and CyclicLR's bounds of the rate and, with
+# `cycle_momentum`, of β₁; SWALR's target rate). The step reads `lr` and `betas`, which
+# are checked as they are now.
+_TORCH_GROUP_BOOKKEEPING = frozenset(
+    {"param_names", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"} | {"swa_lr"}
+)
 _KERAS_MAPPING_KEYS = frozenset({"iterations", "momentums", "norms", "config"})
 # Keras settings that change the step and that no alias of this package has.
 _KERAS_CHAIN_ONLY = ("clipnorm", "clipvalue", "global_clipnorm", "loss_scale_factor")
@@ -63,6 +68,9 @@ _KERAS_CONFIG = (
     + ("gradient_accumulation_steps",)
     + _KERAS_CHAIN_ONLY
 )
+
+# The largest step count a state holds: it saturates there, and so does a schedule's clock.
+_COUNT_MAX = int(np.iinfo(np.int32).max)
 
 # Two hyperparameters are the same when they agree to 8 units in the last place of
 # float32: both sides compute in float32, and one may hold a value rounded to float32
@@ -87,10 +95,9 @@ class _Peer:
     groups: list[tuple[str, dict[str, Any]]]
     # Keras: whether each variable has weight decay; None without weight decay.
     decays: list[bool] | None = None
-
-    @property
-    def complex(self) -> bool:
-        return any(np.issubdtype(d, np.complexfloating) for d in self.dtypes)
+    # PyTorch: the dtypes of the parameters themselves, where the optimizer was given
+    # (a parameter's `.data` may have been cast since its moments were made).
+    param_dtypes: list[np.dtype] | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,25 +193,38 @@ def _whole(value: float, what: str) -> int:
     return int(value)
 
 
-def _torch_groups(groups: Any) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
-    """Names of the parameters, and each group's hyperparameters, checked to agree."""
+def _torch_groups(
+    groups: Any, what: str, *, way_in: bool
+) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """Names of the parameters, and each group's hyperparameters, checked to agree.
+
+    `what` names the source in messages: "the PyTorch state_dict", "`optimizer`".
+    """
     if not isinstance(groups, Sequence) or not groups:
-        raise ValueError("The PyTorch state_dict has no param groups.")
+        raise ValueError(f"The param groups of {what} are empty.")
     names: list[str] = []
     hypers: list[tuple[str, dict[str, Any]]] = []
     for g, group in enumerate(groups):
         unknown = sorted(set(group) - _TORCH_GROUP_KEYS - _TORCH_GROUP_BOOKKEEPING)
         if unknown:
+            fix = (
+                "another optimizer's state_dict (such as torch.optim.Adam's)? A key that the "
+                "step does not read may be removed from the group before converting."
+                if way_in
+                else "a setting this version of adamax_jax does not know? A key that the step "
+                "does not read may be popped from `optimizer.param_groups` before, and put "
+                "back after."
+            )
             raise ValueError(
-                f"Param group {g} of the PyTorch state_dict holds {unknown}, which a "
-                "torch.optim.Adamax group does not: another optimizer's state_dict (such as "
-                "torch.optim.Adam's)? A key that does not change the step (a scheduler's "
-                "bookkeeping) may be removed from the group before converting."
+                f"Param group {g} of {what} holds {unknown}, which a torch.optim.Adamax "
+                f"group does not (nor an lr_scheduler's bookkeeping): {fix}"
             )
         missing = sorted({"params", "lr", "betas", "eps", "weight_decay"} - set(group))
         if missing:
-            raise ValueError(f"Param group {g} of the PyTorch state_dict lacks {missing}.")
+            raise ValueError(f"Param group {g} of {what} lacks {missing}.")
         labels = group.get("param_names")
+        if labels is not None and len(labels) != len(group["params"]):
+            labels = None  # pruned without its names: numbered only
         for k in range(len(group["params"])):
             names.append(f"parameter {len(names)}" + (f" ({labels[k]!r})" if labels else ""))
         b1, b2 = group["betas"]
@@ -230,7 +250,7 @@ def _torch_groups(groups: Any) -> tuple[list[str], list[tuple[str, dict[str, Any
         ]
         if differ:
             raise ValueError(
-                f"Param groups 0 and {g} of the PyTorch optimizer differ in "
+                f"Param groups 0 and {g} of {what} differ in "
                 + ", ".join(differ)
                 + ": one AdaMax transformation has one set of hyperparameters. Give the "
                 "groups the same values, or port each group's parameters with an optimizer "
@@ -239,21 +259,28 @@ def _torch_groups(groups: Any) -> tuple[list[str], list[tuple[str, dict[str, Any
     return names, hypers
 
 
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _read_torch(source: Any) -> _Peer:
+    param_dtypes = None
+    what = "the PyTorch state_dict"
     if _is_torch_optimizer(source):
         if type(source).__name__ != "Adamax":
             raise ValueError(
                 f"`state` is a {_module(source)}.{type(source).__name__}, not a "
                 "torch.optim.Adamax: its state is not AdaMax's."
             )
-        source = source.state_dict()
+        param_dtypes = [_dtype_of(p) for g in source.param_groups for p in g["params"]]
+        source, what = source.state_dict(), "the PyTorch optimizer"
     groups, per_param = source["param_groups"], source["state"]
-    names, hypers = _torch_groups(groups)
+    names, hypers = _torch_groups(groups, what, way_in=True)
     ids = [i for group in groups for i in group["params"]]
     unlisted = sorted(set(per_param) - set(ids), key=str)
     if unlisted:
         raise ValueError(
-            f"The PyTorch state_dict holds state for {unlisted}, which no param group lists."
+            f"{_capital(what)} holds state for {unlisted}, which no param group lists."
         )
     if not per_param:
         raise ValueError(
@@ -263,10 +290,15 @@ def _read_torch(source: Any) -> _Peer:
     fresh = [names[k] for k, i in enumerate(ids) if i not in per_param]
     if fresh:
         raise ValueError(
-            "The PyTorch state_dict has no state for "
+            f"{_capital(what)} has no state for "
             + ", ".join(fresh)
-            + " (no gradient reached it yet) while the other parameters have: their step "
-            "counts differ, and adamax_jax keeps one step count for all parameters."
+            + " (no gradient has reached it: frozen, or not used yet) while the other "
+            "parameters have. adamax_jax keeps one step count for all parameters, and "
+            "m = u = 0 at theirs is not this state (PyTorch bias-corrects a parameter's first "
+            "step as step 1). If it stays frozen, leave it out: convert a state_dict whose "
+            "param groups do not list it (its id removed from `group['params']`, and its name "
+            "from `group['param_names']` where present), with `params` holding the other "
+            "parameters only, and keep it out of `opt` in JAX (docs/porting.md)."
         )
     mu: list[np.ndarray] = []
     nu: list[np.ndarray] = []
@@ -295,7 +327,7 @@ def _read_torch(source: Any) -> _Peer:
             "adamax_jax keeps one step count for all parameters."
         )
     dtypes = [m.dtype for m in mu]
-    return _Peer(_TORCH, names, dtypes, mu, nu, steps[0], hypers)
+    return _Peer(_TORCH, names, dtypes, mu, nu, steps[0], hypers, param_dtypes=param_dtypes)
 
 
 def _keras_hypers(config: Mapping[str, Any], learning_rate: float) -> dict[str, Any]:
@@ -306,11 +338,9 @@ def _keras_hypers(config: Mapping[str, Any], learning_rate: float) -> dict[str, 
         "epsilon": _scalar(config["epsilon"]),
         "weight_decay": _scalar(config.get("weight_decay") or 0.0),
         "gradient_accumulation_steps": config.get("gradient_accumulation_steps"),
-        # The moving average of the weights is not carried; only overwriting the weights
-        # with it changes the steps.
-        "ema_overwrite_frequency": (
-            config.get("ema_overwrite_frequency") if config.get("use_ema") else None
-        ),
+        # A moving average of the weights, which is not carried (see `_differences`).
+        "use_ema": bool(config.get("use_ema")),
+        "ema_overwrite_frequency": config.get("ema_overwrite_frequency"),
     }
     hypers.update({key: config.get(key) for key in _KERAS_CHAIN_ONLY})
     return hypers
@@ -319,6 +349,20 @@ def _keras_hypers(config: Mapping[str, Any], learning_rate: float) -> dict[str, 
 def _keras_names(optimizer: Any) -> list[str]:
     variables = optimizer._trainable_variables
     return [f"variable {i} ({getattr(v, 'path', v.name)!r})" for i, v in enumerate(variables)]
+
+
+def _unwrapped(optimizer: Any) -> Any:
+    """A Keras optimizer, with a LossScaleOptimizer's inner optimizer in its place.
+
+    The inner optimizer holds the whole AdaMax state: it takes the steps, on the unscaled
+    gradients, and a step skipped for a non-finite gradient is not one of its `iterations`.
+    The loss scale (`dynamic_scale`, `step_counter`) is not AdaMax's, and is not carried.
+    """
+    while type(optimizer).__name__ == "LossScaleOptimizer" and hasattr(
+        optimizer, "inner_optimizer"
+    ):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
 
 
 def _check_keras_optimizer(optimizer: Any, name: str) -> None:
@@ -336,6 +380,7 @@ def _check_keras_optimizer(optimizer: Any, name: str) -> None:
 
 def _read_keras(source: Any) -> _Peer:
     if _is_keras_optimizer(source):
+        source = _unwrapped(source)
         _check_keras_optimizer(source, "state")
         names = _keras_names(source)
         # Its attributes, not `get_config()` (which reads the rate through a deprecated
@@ -359,6 +404,8 @@ def _read_keras(source: Any) -> _Peer:
                 "the key 'config', or pass the optimizer itself."
             )
         config = source["config"]
+        while isinstance(config.get("inner_optimizer"), Mapping):  # a LossScaleOptimizer's
+            config = config["inner_optimizer"].get("config", config["inner_optimizer"])
         if "beta_1" not in config or "epsilon" not in config:
             raise ValueError(
                 "The Keras config has no `beta_1` or `epsilon`: it is not a "
@@ -419,6 +466,13 @@ _LAYOUT_HINT_OUT = (
 )
 
 
+# A 64-bit dtype and the 32-bit one JAX makes of it without `jax_enable_x64`.
+_NARROWER = {
+    np.dtype(np.float64): np.dtype(np.float32),
+    np.dtype(np.complex128): np.dtype(np.complex64),
+}
+
+
 def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
@@ -462,7 +516,14 @@ def _place(peer: _Peer, params: Any, from_list: FromList | None) -> tuple[Any, A
                     f"to, `params`{paths[k]}, has shape {_shape(p)}. "
                     + _LAYOUT_HINT_IN.format(fw=fw)
                 )
-        labels = [f"{fw}'s {peer.names[k]}" for k in range(len(wanted))]
+        # (before, after) the moments' dtype in a message.
+        labels = []
+        for k in range(len(wanted)):
+            note = ""
+            if peer.param_dtypes is not None and peer.param_dtypes[k] != peer.mu[k].dtype:
+                # Cast since its moments were made (`p.data = p.data.half()`).
+                note = f" (the parameter itself is {jnp.dtype(peer.param_dtypes[k])} now)"
+            labels.append((f"{fw} keeps the moments of its {peer.names[k]} in ", note))
         mapped = [None if x is None else treedef.unflatten(x) for x in (peer.mu, peer.nu, flags)]
     else:
         mapped = []
@@ -481,13 +542,27 @@ def _place(peer: _Peer, params: Any, from_list: FromList | None) -> tuple[Any, A
                     f"from {fw}'s list, but the parameter has shape {_shape(p)}. "
                     + _LAYOUT_HINT_IN.format(fw=fw)
                 )
-        labels = [f"The moment `from_list` gives `params`{path} from {fw}" for path in paths]
-    for label, path, m, p in zip(labels, paths, jax.tree.leaves(mapped[0]), wanted, strict=True):
+        labels = [(f"The moments `from_list` gives `params`{p} from {fw} are ", "") for p in paths]
+    for (before, after), path, m, p in zip(
+        labels, paths, jax.tree.leaves(mapped[0]), wanted, strict=True
+    ):
         theirs, ours = jnp.dtype(m.dtype), jnp.dtype(p.dtype)
         if theirs != ours:
+            hint = ""
+            if _NARROWER.get(theirs) == ours:
+                if jax.dtypes.canonicalize_dtype(theirs) != theirs:
+                    hint += (
+                        f" JAX keeps {theirs} only with `jax.config.update('jax_enable_x64', "
+                        f"True)`; without it, `jnp.asarray` makes {ours}."
+                    )
+                hint += (
+                    f" To go on in {ours}, pass `(state, from_list)` with a `from_list` that "
+                    f"casts the moments (`lambda ps: [p.astype(np.{ours}) for p in ps]`)."
+                )
             raise ValueError(
-                f"{label} is {theirs}, but `params`{path} is {ours}. Give the parameters the "
-                f"dtype they have in {fw} (and cast them after converting, if you mean to)."
+                f"{before}{theirs}{after}, but `params`{path} is {ours}. Give `params` the "
+                "dtype of the moments it receives (and cast the parameters after converting, "
+                "if you mean to)." + hint
             )
     return mapped[0], mapped[1], mapped[2]
 
@@ -496,11 +571,11 @@ def _place(peer: _Peer, params: Any, from_list: FromList | None) -> tuple[Any, A
 # Hyperparameters
 
 
-def _same(a: Any, b: Any, rtol: float = _RTOL) -> bool:
+def _same(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
         return a == b
     a, b = float(a), float(b)
-    return a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
+    return a == b or abs(a - b) <= _RTOL * max(abs(a), abs(b))
 
 
 def _registered(opt: Any) -> dict[str, Any] | None:
@@ -516,8 +591,10 @@ def _registered(opt: Any) -> dict[str, Any] | None:
 def _unreadable(fw: str, way_in: bool) -> ValueError:
     fix = (
         "convert into the AdaMax transformation it holds (built with the same b1, b2, eps, "
-        "eps_mode and complex_mode), then into `opt`: "
-        "`convert_state(convert_state(state, scale_by_adamax(...), params), opt, params)`"
+        "eps_mode and complex_mode), then into `opt` with the step count as the clock of "
+        "its schedule or optax.inject_hyperparams: `inner = convert_state(state, "
+        "scale_by_adamax(...), params)`, then `convert_state((inner, "
+        "optax.ScaleByScheduleState(adamax_state(inner).count)), opt, params)`"
         if way_in
         else "pass as `opt` the AdaMax transformation it holds: `scale_by_adamax(...)`, built "
         "with the same b1, b2, eps, eps_mode and complex_mode"
@@ -531,16 +608,36 @@ def _unreadable(fw: str, way_in: bool) -> ValueError:
     )
 
 
-def _rate_at(learning_rate: Any, count: int) -> float:
-    if callable(learning_rate):
-        # A schedule is compared at the step to come, the only one the state fixes.
-        with jax.numpy_dtype_promotion("standard"):  # the schedule is not ours
-            return float(np.asarray(learning_rate(jnp.asarray(count, jnp.int32))))
-    return float(learning_rate)
+def _rates_at(learning_rate: Any, count: int) -> list[float]:
+    """`opt`'s rate for the step after `count`: as it runs and, for a schedule, in float64.
+
+    A schedule is compared at the step to come, the only one the state fixes, and at the
+    count the state and the schedule's clock hold (saturated at the int32 maximum).
+    optax computes a schedule in float32, and a power of a rounded decay rate drifts from
+    the exact value (relatively, by up to the count times float32's rounding of the
+    rate: 1.3 % at a million steps of `exponential_decay` with a rate of 0.999999), where a
+    framework may compute in float64 (PyTorch) or float32 (Keras). The framework's rate
+    must match one of the two, each to the same fixed tolerance.
+    """
+    if not callable(learning_rate):
+        return [float(learning_rate)]
+    count = min(count, _COUNT_MAX)
+    with jax.numpy_dtype_promotion("standard"):  # the schedule is not ours
+        rates = [float(np.asarray(learning_rate(jnp.asarray(count, jnp.int32))))]
+        try:
+            with jax.enable_x64(True):
+                exact = float(np.asarray(learning_rate(jnp.asarray(count, jnp.int64))))
+        except Exception:  # a schedule that runs in float32 only is compared as it runs
+            return rates
+    return [*rates, exact]
 
 
 def _differences(
-    peer: _Peer, theirs: dict[str, Any], ours: dict[str, Any], decay_differs: Sequence[str]
+    peer: _Peer,
+    theirs: dict[str, Any],
+    ours: dict[str, Any],
+    complex_params: bool,
+    decay_differs: Sequence[str],
 ) -> list[str]:
     """What differs between one group of `peer`'s hyperparameters and `opt`'s (`ours`)."""
     fw = peer.framework
@@ -552,8 +649,8 @@ def _differences(
         names["learning_rate"] = "learning_rate"
     diffs: list[str] = []
 
-    def differ(key: str, our_value: Any, rtol: float = _RTOL) -> None:
-        if not _same(theirs[names[key]], our_value, rtol):
+    def differ(key: str, our_value: Any) -> None:
+        if not _same(theirs[names[key]], our_value):
             diffs.append(
                 f"`{names[key]}` is {theirs[names[key]]!r} in {fw}, `{key}` is "
                 f"{our_value!r} in `opt`"
@@ -568,19 +665,28 @@ def _differences(
         )
     if ours["nesterov"]:
         diffs.append(f"`opt` is NadaMax (Nesterov momentum), which {fw}'s Adamax is not")
-    if fw == _TORCH and peer.complex and ours["complex_mode"] != "split":
+    # Only complex parameters in JAX make complex_mode matter: a complex PyTorch parameter
+    # ported as real (..., 2) pairs (`view_as_real`) runs the same in every mode.
+    if fw == _TORCH and complex_params and ours["complex_mode"] != "split":
         diffs.append(
             "PyTorch runs AdaMax on the real and imaginary parts of a complex parameter "
             f"(`complex_mode='split'`), `opt` has `complex_mode={ours['complex_mode']!r}`"
         )
     if alias:
         rate = ours["learning_rate"]
-        # A schedule computed in float32 (optax's) is off by up to about one unit in
-        # the last place per step at step t (a power x^t of a rounded x), where the
-        # framework's own may be exact: a few units per step are rounding, not a
-        # different schedule.
-        rtol = _RTOL + (peer.count * 2.0**-23 if callable(rate) else 0.0)
-        differ("learning_rate", _rate_at(rate, peer.count), rtol)
+        rates = _rates_at(rate, peer.count)
+        their_rate = theirs[names["learning_rate"]]
+        if not any(_same(their_rate, r) for r in rates):
+            ours_is = f"{rates[-1]!r}"
+            if callable(rate):
+                ours_is += f" (its schedule at count {min(peer.count, _COUNT_MAX)}"
+                if not _same(rates[0], rates[-1]):
+                    ours_is += f"; {rates[0]!r} as optax computes it, in float32"
+                ours_is += ")"
+            diffs.append(
+                f"`{names['learning_rate']}` is {their_rate!r} in {fw}, `learning_rate` is "
+                f"{ours_is} in `opt`"
+            )
         our_decay = float(ours["weight_decay"] or 0.0)
         if fw == _TORCH:
             if theirs["weight_decay"]:
@@ -616,19 +722,35 @@ def _differences(
                         "before the AdaMax one (docs/porting.md)"
                     )
     if fw == _KERAS:
-        for key in ("gradient_accumulation_steps", "ema_overwrite_frequency"):
-            if theirs[key]:
-                diffs.append(
-                    f"`{key}` is {theirs[key]!r} in Keras: it changes the steps, and is not carried"
-                )
+        if theirs["gradient_accumulation_steps"]:
+            diffs.append(
+                f"`gradient_accumulation_steps` is {theirs['gradient_accumulation_steps']!r} "
+                "in Keras: it changes the steps, and is not carried"
+            )
+        if theirs["use_ema"]:
+            every = theirs["ema_overwrite_frequency"]
+            diffs.append(
+                "`use_ema` is True in Keras: it keeps a moving average of the weights, which "
+                "it writes into them "
+                + (f"every {every!r} steps and " if every else "")
+                + "at the end of `fit` and which adamax_jax neither keeps nor carries; to go "
+                "on without it, set the optimizer's `use_ema` to False first (or the "
+                "config's, for a dict of its variables)"
+            )
     return diffs
 
 
 def _check_hyperparameters(
-    peer: _Peer, opt: Any, *, way_in: bool, decay_differs: Sequence[str] = ()
+    peer: _Peer,
+    opt: Any,
+    *,
+    way_in: bool,
+    complex_params: bool,
+    decay_differs: Sequence[str] = (),
 ) -> None:
     """A ValueError naming every hyperparameter of `peer` that differs from `opt`'s.
 
+    `complex_params`: whether JAX's parameters are complex (complex_mode then matters).
     `decay_differs` names the parameters that Keras and `opt`'s mask decay differently.
     """
     fw = peer.framework
@@ -636,7 +758,7 @@ def _check_hyperparameters(
     if ours is None:
         raise _unreadable(fw, way_in)
     for where, theirs in peer.groups:
-        diffs = _differences(peer, theirs, ours, decay_differs)
+        diffs = _differences(peer, theirs, ours, complex_params, decay_differs)
         if diffs:
             raise ValueError(
                 f"The hyperparameters of {fw}{where} and of `opt` differ: "
@@ -696,7 +818,10 @@ def from_framework(state: Any, opt: optax.GradientTransformation, params: Any) -
                     f"`params`{jax.tree_util.keystr(path)} "
                     f"({'decays' if m else 'does not decay'} in `opt`)"
                 )
-    _check_hyperparameters(peer, opt, way_in=True, decay_differs=differs)
+    complex_params = any(jnp.iscomplexobj(p) for p in jax.tree.leaves(params))
+    _check_hyperparameters(
+        peer, opt, way_in=True, complex_params=complex_params, decay_differs=differs
+    )
 
     def value(x: Any) -> jax.Array:
         x = np.asarray(x)
@@ -704,7 +829,7 @@ def from_framework(state: Any, opt: optax.GradientTransformation, params: Any) -
             x = x.astype(np.float32)  # read in float32 at least, as ours are computed
         return jnp.asarray(x)
 
-    count = jnp.asarray(min(peer.count, int(np.iinfo(np.int32).max)), jnp.int32)
+    count = jnp.asarray(min(peer.count, _COUNT_MAX), jnp.int32)
     source = (
         optax.ScaleByAdamState(count=count, mu=jax.tree.map(value, mu), nu=jax.tree.map(value, nu)),
         # The learning rate's clock: the next step is the framework's next.
@@ -760,6 +885,11 @@ def _count(state: Any) -> int:
     return int(np.asarray(adamax_state(state).count))
 
 
+def _complex(state: Any) -> bool:
+    """Whether `state` is of complex parameters (whose first moments are complex)."""
+    return any(jnp.iscomplexobj(m) for m in jax.tree.leaves(first_moment(state)))
+
+
 def to_torch_state_dict(
     state: Any,
     opt: optax.GradientTransformation,
@@ -780,8 +910,9 @@ def to_torch_state_dict(
 
     `optimizer`'s hyperparameters are checked against `opt`'s, as
     :func:`convert_state` checks them on the way in: ``betas``, ``eps`` (with
-    ``eps_mode="inside_max"``), complex parameters (``complex_mode="split"``)
-    and, where `opt` is an alias, ``lr`` (a schedule at the state's step
+    ``eps_mode="inside_max"``), complex parameters in JAX
+    (``complex_mode="split"``; real pairs that `order` makes complex take any
+    mode) and, where `opt` is an alias, ``lr`` (a schedule at the state's step
     count, which the next step uses), ``weight_decay`` and ``maximize``
     (neither of which an alias has: they must be 0 and False). Where `opt` is
     ``scale_by_adamax``, the building block of a chain, the learning rate,
@@ -834,14 +965,14 @@ def to_torch_state_dict(
     import torch  # `optimizer` is PyTorch's: torch is imported already
 
     described = optimizer.state_dict()
-    names, hypers = _torch_groups(described["param_groups"])
+    names, hypers = _torch_groups(described["param_groups"], "`optimizer`", way_in=False)
     tensors = [p for group in optimizer.param_groups for p in group["params"]]
     count = _count(state)
     peer = _Peer(_TORCH, names, [_dtype_of(p) for p in tensors], [], [], count, hypers)
     mus, labels = _ordered(first_moment(state), order)
     nus, _ = _ordered(infinity_norm(state), order)
     _check_moments(mus, labels, peer, [tuple(p.shape) for p in tensors])
-    _check_hyperparameters(peer, opt, way_in=False)
+    _check_hyperparameters(peer, opt, way_in=False, complex_params=_complex(state))
     # The dtype PyTorch gives `step` (torch.optim.optimizer._get_scalar_dtype).
     step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     groups = [g for g in optimizer.param_groups for _ in g["params"]]
@@ -882,15 +1013,17 @@ def assign_to_keras(
     ``weight_decay`` (decoupled: `opt` is then ``adamaxw``, whose `mask` must
     leave out the variables Keras leaves out) and the clipping settings,
     which no alias has. Where `opt` is ``scale_by_adamax``, those are the
-    chain's and are not compared. Gradient accumulation and overwriting the
-    weights with their moving average are refused: they change the steps.
+    chain's and are not compared. Gradient accumulation and a moving average
+    of the weights (``use_ema``) are refused: neither is carried.
 
     Args:
         state: A state of `opt`, of any storage dtypes.
         opt: The optimizer of `state`: ``adamax``, ``adamaxw`` or
             ``scale_by_adamax`` of this package.
         optimizer: A ``keras.optimizers.Adamax``, built over the variables
-            that the parameters are ported to (``optimizer.build(variables)``).
+            that the parameters are ported to (``optimizer.build(variables)``),
+            or a ``LossScaleOptimizer`` around one (its inner optimizer gets
+            the state; the loss scale is left as it is).
         order: None, if the leaves of the parameters (in ``jax.tree.leaves``
             order) are the variables in the order the optimizer was built
             with; or a function from a tree shaped like the parameters to that
@@ -906,6 +1039,7 @@ def assign_to_keras(
         raise ValueError(
             f"`optimizer` must be a keras.optimizers.Adamax, got {type(optimizer).__name__}."
         )
+    optimizer = _unwrapped(optimizer)
     _check_keras_optimizer(optimizer, "optimizer")
     count = _count(state)
     m_tree, u_tree = first_moment(state), infinity_norm(state)
@@ -932,7 +1066,9 @@ def assign_to_keras(
     try:
         peer.count = count
         peer.groups[0][1]["learning_rate"] = _scalar(optimizer.learning_rate)
-        _check_hyperparameters(peer, opt, way_in=False, decay_differs=differs)
+        _check_hyperparameters(
+            peer, opt, way_in=False, complex_params=_complex(state), decay_differs=differs
+        )
     except ValueError:
         optimizer.iterations.assign(previous)
         raise

@@ -193,9 +193,9 @@ def block_scales(state, shardings=None):
                 continue
             codes = placed_codes if shardings is not None else placed_codes.sharding
             scale = placed_scale if shardings is not None else placed_scale.sharding
-            out[f"{name}{jax.tree_util.keystr(path)}"] = spec_entries(
-                codes.spec
-            ) == spec_entries(scale.spec) and equivalent(codes, scale, x.ndim)
+            out[f"{name}{jax.tree_util.keystr(path)}"] = spec_entries(codes.spec) == spec_entries(
+                scale.spec
+            ) and equivalent(codes, scale, x.ndim)
     return out
 
 

@@ -328,6 +328,157 @@ def test_learning_rate_schedule_goes_on_from_the_step_count():
     # The constant rate PyTorch started from is not the one it has come to.
     with pytest.raises(ValueError, match=r"`lr` is 0\.000732.* `learning_rate` is 0\.002"):
         ax.convert_state(torch_opt, ax.adamax(h["lr"], eps_mode="inside_max"), leaves)
+    # optax.inject_hyperparams hides the hyperparameters: the refusal gives the way that
+    # carries the step count to its clock as well (converting twice alone restarts it at 0).
+    injected = optax.inject_hyperparams(ax.adamax)(learning_rate=rate, eps_mode="inside_max")
+    recipe = (
+        r"`convert_state\(\(inner, optax\.ScaleByScheduleState\(adamax_state\(inner\)\.count\)\)"
+    )
+    with pytest.raises(ValueError, match=recipe):
+        ax.convert_state(torch_opt, injected, leaves)
+    inner = ax.convert_state(torch_opt, ax.scale_by_adamax(eps_mode="inside_max"), leaves)
+    clock = optax.ScaleByScheduleState(ax.adamax_state(inner).count)
+    state = ax.convert_state((inner, clock), injected, leaves)
+    assert int(state.count) == BEFORE
+    moved, _ = _jax_run(injected, half, grads, AFTER, start=BEFORE, state=state)
+    assert _deviation(moved, whole) <= RTOL
+
+
+def _torch_at_step(step, lr=1e-3):
+    """A one-parameter torch.optim.Adamax state_dict, its step count set to `step`."""
+    weights = [torch.nn.Parameter(torch.ones(3))]
+    optimizer = torch.optim.Adamax(weights, lr=lr)
+    weights[0].grad = torch.ones(3)
+    optimizer.step()
+    state_dict = optimizer.state_dict()
+    state_dict["state"][0]["step"] = torch.tensor(float(step))
+    return state_dict
+
+
+@pytest.mark.parametrize("step", [1, 1_000_000, 10_000_000])
+def test_a_schedule_is_held_to_a_fixed_tolerance_at_any_step_count(step):
+    # A constant schedule does not drift with the count: 5 % more, or twice the rate, is
+    # refused at every count, as a plain float is; the rate itself is taken.
+    state_dict = _torch_at_step(step)
+    for rate in (1.05e-3, 2e-3):
+        opt = ax.adamax(optax.constant_schedule(rate), eps_mode="inside_max")
+        with pytest.raises(ValueError, match=r"`lr` is 0\.001 in PyTorch.*at count"):
+            ax.convert_state(state_dict, opt, [jnp.ones(3)])
+    opt = ax.adamax(optax.constant_schedule(1e-3), eps_mode="inside_max")
+    assert int(ax.adamax_state(ax.convert_state(state_dict, opt, [jnp.ones(3)])).count) == step
+
+
+def test_an_exponential_decay_is_compared_as_each_framework_computes_it():
+    # A million steps of a decay rate of 0.999999: optax's schedule, computed in float32
+    # (a power of the rounded rate), is 1.3 % below the exact rate. PyTorch's ExponentialLR
+    # multiplies in float64 and lands on the exact one; Keras' ExponentialDecay computes
+    # in float32 as optax does. Both are taken, and 1 % off either is not.
+    count, gamma = 1_000_000, 0.999999
+    rate = optax.exponential_decay(2e-3, transition_steps=1, decay_rate=gamma)
+    opt = ax.adamax(rate, eps_mode="inside_max")
+    lr = 2e-3
+    for _ in range(count):  # ExponentialLR's steps
+        lr *= gamma
+    in_float32 = float(rate(jnp.asarray(count, jnp.int32)))
+    assert abs(in_float32 / lr - 1) > 0.01  # the drift a fixed tolerance must not absorb
+    state_dict = _torch_at_step(count)
+    for taken in (lr, in_float32):
+        state_dict["param_groups"][0]["lr"] = taken
+        state = ax.convert_state(state_dict, opt, [jnp.ones(3)])
+        assert int(ax.adamax_state(state).count) == count
+    for off in (lr * 1.01, in_float32 * 0.99):
+        state_dict["param_groups"][0]["lr"] = off
+        with pytest.raises(ValueError, match=r"0\.000735758.*; 0\.000726053.* in float32"):
+            ax.convert_state(state_dict, opt, [jnp.ones(3)])
+    schedule = keras.optimizers.schedules.ExponentialDecay(2e-3, 1, gamma)
+    _, keras_opt = _keras_build(
+        [np.ones(3, np.float32), np.ones(2, np.float32)], learning_rate=schedule
+    )
+    keras_opt.iterations.assign(count)
+    leaves = [jnp.ones(3), jnp.ones(2)]
+    state = ax.convert_state(keras_opt, ax.adamax(rate, eps=1e-7), leaves)
+    assert int(ax.adamax_state(state).count) == count
+
+
+def test_a_step_count_past_int32_saturates_with_a_schedule_too():
+    # The state's count saturates at the int32 maximum, and so does the schedule's clock:
+    # the schedule is read there, not at a count int32 cannot hold.
+    state_dict = _torch_at_step(3_000_000_000)
+    opt = ax.adamax(optax.constant_schedule(1e-3), eps_mode="inside_max")
+    state = ax.convert_state(state_dict, opt, [jnp.ones(3)])
+
+    def is_clock(x):
+        return isinstance(x, optax.ScaleByScheduleState)
+
+    clocks = [x for x in jax.tree.leaves(state, is_leaf=is_clock) if is_clock(x)]
+    assert int(ax.adamax_state(state).count) == np.iinfo(np.int32).max
+    assert [int(c.count) for c in clocks] == [np.iinfo(np.int32).max]
+
+
+def _one_cycle(o):
+    return torch.optim.lr_scheduler.OneCycleLR(o, max_lr=2e-3, total_steps=10)
+
+
+def _cyclic(o):
+    return torch.optim.lr_scheduler.CyclicLR(o, base_lr=1e-3, max_lr=2e-3, step_size_up=4)
+
+
+@pytest.mark.parametrize("scheduler", [_one_cycle, _cyclic], ids=["OneCycleLR", "CyclicLR"])
+def test_cyclic_schedulers_bookkeeping_is_taken_both_ways(scheduler):
+    # OneCycleLR and CyclicLR keep the bounds of the rate (`max_lr`, `min_lr`) and, with
+    # cycle_momentum (their default), of β₁ (`base_momentum`, `max_momentum`) in each param
+    # group; the step reads only `lr` and `betas`, which are checked as they are now.
+    params, grads = _problem(8, shapes=((3,),), steps=3)
+    _, optimizer = _torch_run(params, grads, 3, scheduler=scheduler)
+    group = optimizer.param_groups[0]
+    assert {"max_momentum", "base_momentum"} <= set(group)
+    b1 = group["betas"][0]
+    assert b1 != 0.9  # cycled: `opt` must have β₁ as it is now
+    opt = ax.adamax(group["lr"], b1, eps_mode="inside_max")
+    leaves = [jnp.asarray(p) for p in params]
+    state = ax.convert_state(optimizer, opt, leaves)
+    assert int(ax.adamax_state(state).count) == 3
+    with pytest.raises(ValueError, match=r"`betas\[0\]` is 0\.\d+ in PyTorch, `b1` is 0\.9 "):
+        ax.convert_state(optimizer, ax.adamax(group["lr"], eps_mode="inside_max"), leaves)
+    optimizer.load_state_dict(ax.to_torch_state_dict(opt.init(leaves), opt, optimizer))
+    assert float(next(iter(optimizer.state.values()))["step"]) == 0.0
+
+
+def test_an_unknown_group_key_on_the_way_out_names_the_optimizer():
+    optimizer, leaves = _stepped_torch()
+    optimizer.param_groups[0]["custom"] = 1
+    opt = ax.adamax(2e-3, eps_mode="inside_max")
+    with pytest.raises(ValueError, match=r"Param group 0 of `optimizer` holds \['custom'\]"):
+        ax.to_torch_state_dict(opt.init(leaves), opt, optimizer)
+    with pytest.raises(ValueError, match=r"Param group 0 of the PyTorch optimizer holds"):
+        ax.convert_state(optimizer, opt, leaves)
+
+
+def test_complex_parameters_ported_as_real_pairs_take_any_complex_mode():
+    # A complex PyTorch parameter ported as real (..., 2) pairs (view_as_real), its moments
+    # with it: on real parameters complex_mode changes nothing, so every mode converts, and
+    # the state goes back into PyTorch's complex moments as it came.
+    param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    optimizer = torch.optim.Adamax([param])
+    param.grad = torch.randn(3, dtype=torch.complex64)
+    optimizer.step()
+
+    def from_torch(ps):
+        return [np.stack([ps[0].real, ps[0].imag], -1)]
+
+    def to_torch(tree):
+        return [jax.lax.complex(tree[0][..., 0], tree[0][..., 1])]
+
+    leaves = [jnp.asarray(torch.view_as_real(param.detach()).numpy())]
+    split = ax.adamax(eps_mode="inside_max", complex_mode="split")
+    want = ax.convert_state((optimizer, from_torch), split, leaves)
+    opt = ax.adamax(eps_mode="inside_max")  # complex_mode="modulus"
+    state = ax.convert_state((optimizer, from_torch), opt, leaves)
+    for read in (ax.first_moment, ax.infinity_norm):
+        np.testing.assert_array_equal(read(state)[0], read(want)[0])
+    back = ax.to_torch_state_dict(state, opt, optimizer, order=to_torch)
+    for key in ("exp_avg", "exp_inf"):
+        np.testing.assert_array_equal(back["state"][0][key], optimizer.state[param][key].numpy())
 
 
 def test_convolution_kernel_moves_with_its_layout():
@@ -513,6 +664,74 @@ def test_keras_order_is_mapped_by_the_porting_function():
     assert _deviation([moved["kernel"], moved["bias"]], whole) <= RTOL
 
 
+def test_keras_moving_average_of_the_weights_is_refused_both_ways():
+    # With use_ema, Keras keeps a moving average of the weights and `fit` ends by writing it
+    # into them: it is not carried, so it is refused, saying how to go on without it.
+    params = [np.ones(3, np.float32), np.ones(2, np.float32)]
+    leaves = [jnp.asarray(p) for p in params]
+    opt = ax.adamax(1e-3, eps=1e-7)
+    for every in (None, 10):
+        _, keras_opt = _keras_build(params, use_ema=True, ema_overwrite_frequency=every)
+        keras_opt.iterations.assign(3)
+        with pytest.raises(ValueError, match=r"`use_ema` is True in Keras.*`use_ema` to False"):
+            ax.convert_state(keras_opt, opt, leaves)
+        variables = {
+            "iterations": 3,
+            "momentums": [np.asarray(m.value) for m in keras_opt._m],
+            "norms": [np.asarray(u.value) for u in keras_opt._u],
+            "config": _config(keras_opt),
+        }
+        with pytest.raises(ValueError, match=r"`use_ema` is True in Keras"):
+            ax.convert_state(variables, opt, leaves)
+        with pytest.raises(ValueError, match=r"`use_ema` is True in Keras"):
+            ax.assign_to_keras(opt.init(leaves), opt, keras_opt)
+        keras_opt.use_ema = False  # the way on, without the average
+        assert int(ax.adamax_state(ax.convert_state(keras_opt, opt, leaves)).count) == 3
+        ax.assign_to_keras(opt.init(leaves), opt, keras_opt)
+        variables["config"]["use_ema"] = False
+        ax.convert_state(variables, opt, leaves)
+
+
+def test_keras_loss_scale_optimizer_is_its_inner_optimizer():
+    # A LossScaleOptimizer steps its inner Adamax with the unscaled gradients, and a step
+    # skipped for a non-finite gradient is not one of the inner `iterations`: the AdaMax
+    # state is the inner optimizer's, both ways. The loss scale is not carried.
+    variables = [keras.Variable(np.ones(3, np.float32))]
+    keras_opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adamax())
+    keras_opt.build(variables)
+    scale = float(keras_opt.dynamic_scale.value)
+    at = [i for i, v in enumerate(keras_opt.variables) if v is keras_opt.dynamic_scale][0]
+    values, trainable = [v.value for v in keras_opt.variables], [variables[0].value]
+    step = jax.jit(keras_opt.stateless_apply)  # as Keras' JAX trainer steps
+    with jax.numpy_dtype_promotion("standard"):  # Keras mixes dtypes in its own update
+        for g in (1.0, np.inf, 1.0):  # the second is skipped, and halves the scale
+            g = jnp.full(3, g * scale, jnp.float32)
+            trainable, values = step(values, [g], trainable)
+            scale = float(values[at])
+    for var, value in zip(keras_opt.variables, values, strict=True):
+        var.assign(value)
+    opt = ax.adamax(1e-3, eps=1e-7)
+    state = ax.convert_state(keras_opt, opt, [jnp.ones(3)])
+    assert int(ax.adamax_state(state).count) == 2
+    np.testing.assert_allclose(ax.first_moment(state)[0], 0.19, rtol=1e-6)
+    np.testing.assert_array_equal(ax.infinity_norm(state)[0], 1.0)
+    # Its variables with its config convert the same way.
+    inner = keras_opt.inner_optimizer
+    given = {
+        "iterations": inner.iterations,
+        "momentums": [np.asarray(m.value) for m in inner._m],
+        "norms": [np.asarray(u.value) for u in inner._u],
+        "config": _config(keras_opt),
+    }
+    same = ax.convert_state(given, opt, [jnp.ones(3)])
+    np.testing.assert_array_equal(ax.first_moment(same)[0], ax.first_moment(state)[0])
+    # And the way back writes the inner optimizer's state.
+    _, step = opt.update([jnp.full(3, 0.5)], opt.init([jnp.ones(3)]), [jnp.ones(3)])
+    ax.assign_to_keras(step, opt, keras_opt)
+    assert int(np.asarray(inner.iterations.value)) == 1
+    np.testing.assert_array_equal(np.asarray(inner._u[0].value), 0.5)
+
+
 # ---------------------------------------------------------------------------------------
 # Refusals: each names what differs
 
@@ -585,6 +804,16 @@ def _float64_against_float32():
     return opt, TORCH_OPT, [jnp.asarray(p, jnp.float32) for p in params]
 
 
+def _parameter_cast_after_its_moments():
+    # `p.data = p.data.half()` after PyTorch made its float32 moments.
+    opt, _ = _stepped_torch()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.data = p.data.half()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return opt, TORCH_OPT, [jnp.asarray(p.detach().numpy()) for p in params]
+
+
 def _groups_with_other_betas():
     opt, leaves = _stepped_torch(
         groups=lambda ts: [{"params": ts[:1]}, {"params": ts[1:], "betas": (0.9, 0.99)}]
@@ -654,7 +883,7 @@ def _keras_clipnorm():
 
 
 BAD = {
-    "torch-adam": (_adam_state, r"holds \['amsgrad', .*not: another optimizer's.*Adam"),
+    "torch-adam": (_adam_state, r"holds \['amsgrad', .*: another optimizer's.*Adam"),
     "torch-adam-state": (
         _adam_state_in_adamax_groups,
         r"holds \['exp_avg', 'exp_avg_sq', 'step'\], not torch\.optim\.Adamax's",
@@ -667,8 +896,21 @@ BAD = {
         r"parameter 0 \('0\.weight'\) has shape \(3, 2\).*`params`\['dense'\]\['bias'\], has "
         r"shape \(3,\)",
     ),
-    "missing-state": (_one_parameter_never_stepped, r"no state for parameter 1"),
-    "dtype": (_float64_against_float32, r"parameter 0 is float64, but `params`\[0\] is float32"),
+    "missing-state": (
+        _one_parameter_never_stepped,
+        r"no state for parameter 1 .*one step count.*leave it out: convert a state_dict whose "
+        r"param groups do not list it",
+    ),
+    "dtype": (
+        _float64_against_float32,
+        r"moments of its parameter 0 in float64, but `params`\[0\] is float32.*"
+        r"jax_enable_x64.*`from_list` that casts",
+    ),
+    "dtype-cast-since": (
+        _parameter_cast_after_its_moments,
+        r"moments of its parameter 0 in float32 \(the parameter itself is float16 now\), but "
+        r"`params`\[0\] is float16",
+    ),
     "groups-betas": (
         _groups_with_other_betas,
         r"groups 0 and 1 of the PyTorch optimizer differ in `betas\[1\]` \(0\.999 against 0\.99\)",
@@ -693,6 +935,23 @@ def test_bad_input_is_refused_naming_what_differs(case):
     state, opt, params = make()
     with pytest.raises(ValueError, match=message):
         ax.convert_state(state, opt, params)
+
+
+def test_the_ways_on_that_refusals_give_work():
+    # A frozen parameter (no state) is left out: the state_dict without it converts.
+    optimizer, _, params = _one_parameter_never_stepped()
+    state_dict = optimizer.state_dict()
+    for group in state_dict["param_groups"]:
+        group["params"] = [i for i in group["params"] if i in state_dict["state"]]
+    state = ax.convert_state(state_dict, TORCH_OPT, params[:1])
+    assert int(ax.adamax_state(state).count) == 1
+    # A float64 run goes on in float32 through a `from_list` that casts.
+    optimizer, _, params = _float64_against_float32()
+    state = ax.convert_state(
+        (optimizer, lambda ps: [p.astype(np.float32) for p in ps]), TORCH_OPT, params
+    )
+    want = next(iter(optimizer.state.values()))["exp_inf"].numpy().astype(np.float32)
+    np.testing.assert_array_equal(ax.infinity_norm(state)[0], want)
 
 
 def test_bad_output_is_refused_naming_what_differs():
