@@ -320,9 +320,12 @@ def _scale_by_adamax(
     ) -> tuple[optax.Updates, ScaleByAdamaxState]:
         del extra_args
         _check_is_state(state)
-        _check_not_old_layout(state)
         updates = jax.tree.map(_as_leaf, updates, is_leaf=_is_none)
-        _validation.check_same_structure("updates", updates, "state.mu", state.mu)
+        try:
+            _validation.check_same_structure("updates", updates, "state.mu", state.mu)
+        except ValueError:
+            _check_not_old_layout(state, updates)
+            raise
         _validation.check_same_structure("state.nu", state.nu, "state.mu", state.mu)
         if params is not None:
             params = jax.tree.map(_as_leaf, params, is_leaf=_is_none)
@@ -459,12 +462,24 @@ def _check_is_state(state: Any) -> None:
     )
 
 
-def _check_not_old_layout(state: ScaleByAdamaxState) -> None:
-    """Refuses moments kept as ``{'codes', 'scale'}`` nodes, the layout of earlier releases."""
+def _check_not_old_layout(state: ScaleByAdamaxState, updates: Any) -> None:
+    """Refuses moments kept as ``{'codes', 'scale'}`` nodes, the layout of earlier releases.
+
+    Called where `updates` and ``state.mu`` differ in structure: a moment of the
+    earlier layout is a node with those two keys where `updates` has a leaf.
+    """
+    leaves = {
+        jax.tree_util.keystr(path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)[0]
+    }
     for role in ("mu", "nu"):
         for path, _ in jax.tree_util.tree_flatten_with_path(getattr(state, role))[0]:
             keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-            if keys and keys[-1] in ("codes", "scale"):
+            if (
+                keys
+                and keys[-1] in ("codes", "scale")
+                and jax.tree_util.keystr(path[:-1]) in leaves
+            ):
                 where = jax.tree_util.keystr(path[:-1])
                 raise ValueError(
                     f"`state.{role}{where}` holds {keys[-1]!r}: moments kept as codes and "
