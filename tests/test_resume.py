@@ -196,10 +196,10 @@ def _saved_metadata(opt, params, path):
             ax.adamax,
             _f32_params,
             [
-                r"  \[0\]\.nu\['b'\]: missing from `state`; expected float32\[4\]",
+                r"  \[0\]\.nu\['b'\]: bfloat16\[4\] in `state`, expected float32\[4\]",
                 # The checkpoint's own key paths for what only it holds.
-                r"  \[0\]\['nu'\]\['w'\]\['codes'\]: bfloat16\[3, 4\] in `state`, not in the state",
-                r"  \[0\]\['nu'\]\['w'\]\['scale'\]: float32\[\] in `state`, not in the state",
+                r"  \[0\]\['nu_scale'\]\['w'\]: float32\[\] in `state`, not in the state",
+                r"  \[0\]\['nu_scale'\]\['b'\]: float32\[\] in `state`, not in the state",
             ],
         ),
         # A leaf the checkpoint lacks.
