@@ -389,7 +389,9 @@ def _state_and_streams(kind: str, args: tuple) -> tuple[Any, int, int]:
     return state, streams, _full_size(params, moments)
 
 
-def compile_here(setup: StepSetup, args: tuple, options: dict | None = None) -> tuple[Any, dict]:
+def compile_here(
+    setup: StepSetup, args: tuple[Any, ...], options: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Lowers and compiles a fresh step after ``jax.clear_caches()``: a first call's cost."""
     jax.clear_caches()
     start = time.perf_counter()
@@ -466,7 +468,7 @@ def _failure(returncode: int, stderr: str, ready: bool) -> str:
 
 def compile_in_subprocess(
     kind: str, spec: TreeSpec, timeout: float, memory_limit: int | None = None
-) -> dict | None:
+) -> dict[str, Any] | None:
     """`compile_here` of the row `kind` in a fresh process; None after `timeout` seconds.
 
     The timeout counts from when the worker is ready (JAX imported, arguments
@@ -568,7 +570,7 @@ def _leaf_sizes(spec: TreeSpec) -> set[int]:
 
 
 def compile_with_buffers(
-    setup: StepSetup, args: tuple, spec: TreeSpec
+    setup: StepSetup, args: tuple[Any, ...], spec: TreeSpec
 ) -> tuple[Any, dict[str, Any] | None]:
     """Compiles the step with XLA's dump on; returns it and a summary of its temporary buffers.
 
@@ -601,7 +603,7 @@ def compile_with_buffers(
 def make_runner(
     kind: str,
     compiled: Any,
-    args: tuple,
+    args: tuple[Any, ...],
     params_np: dict[str, np.ndarray],
     compile_info: dict[str, Any] | None,
 ) -> Runner:
