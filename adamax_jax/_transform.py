@@ -277,6 +277,10 @@ def _scale_by_adamax(
     # number a traced hyperparameter, and the block size shapes the state.
     block_size = _codecs.DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
     guard = _guard_zero_denominator(eps, eps_mode)
+    # The rule the step follows, and what convert_state compares a foreign state with.
+    rule = dict(
+        b1=b1, b2=b2, eps=eps, eps_mode=eps_mode, nesterov=nesterov, complex_mode=complex_mode
+    )
 
     def init_fn(params: optax.Params) -> ScaleByAdamaxState:
         params = jax.tree.map(_as_leaf, params, is_leaf=_is_none)
@@ -353,16 +357,7 @@ def _scale_by_adamax(
         # per leaf (XLA inlines the calls, so that the program is the same). Eagerly,
         # each operation runs as it comes, as optax's do, so that the two agree there
         # to the bit.
-        step = functools.partial(
-            adamax_leaf,
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            eps_mode=eps_mode,
-            nesterov=nesterov,
-            complex_mode=complex_mode,
-            guard_zero=guard,
-        )
+        step = functools.partial(adamax_leaf, **rule, guard_zero=guard)
         if any(_validation.is_traced(x) for x in jax.tree.leaves((updates, state))):
             step = jax.jit(step)
         paths, treedef, mus, nus = _unpack(state, block_size)
@@ -402,15 +397,7 @@ def _scale_by_adamax(
         return directions, _pack(count, mu, nu, state.block_size)
 
     HYPERPARAMETERS[update_fn] = dict(
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        eps_mode=eps_mode,
-        nesterov=nesterov,
-        complex_mode=complex_mode,
-        mu_dtype=mu_dtype,
-        nu_dtype=nu_dtype,
-        block_size=block_size,
+        rule, mu_dtype=mu_dtype, nu_dtype=nu_dtype, block_size=block_size
     )
     # optax types a state as an array tree (`chex.ArrayTree`), which has no room for a
     # NamedTuple state with `None` fields, nor for an update that names its state type.

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -537,13 +536,9 @@ def _evaluator(params: Params, text: np.ndarray, settings: Settings) -> Callable
 
 def machine() -> str:
     """The CPU model and core count, and JAX's version and backend."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    from adamax_jax.benchmark import cpu_model
+
+    cpu = cpu_model()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
