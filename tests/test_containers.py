@@ -8,7 +8,6 @@ the way to restore, and ``convert_state`` giving arrays of its own.
 """
 
 import functools
-import gc
 import re
 
 import chex
@@ -335,23 +334,15 @@ def test_checkpoint_metadata_of_another_block_size_is_refused(tmp_path):
     assert _block_message(str(info.value)), str(info.value)
 
 
-# orbax, refusing a target of another shape, leaves its other reads unfinished;
-# they report "Event loop is closed" when collected (see the `gc.collect()` below).
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("via", ["orbax", "flax"])
 def test_state_of_another_block_size_is_refused_after_a_restore(via, tmp_path):
     params, _, path, blob = _saved_block_state(tmp_path)
     opt = _eight_bit(200)
-    refusal = None
-    try:
-        restored = _restore(via, path, blob, opt, params)
-    except ValueError as e:
-        refusal = str(e)
-    if refusal is not None:
-        # orbax itself may refuse a target of another block size, by its shape.
-        gc.collect()
-        assert via == "orbax" and "256" in refusal, refusal
-        return
+    # flax restores into the other optimizer's state as it is; orbax refuses
+    # that target by the shape of `block_size`, so it restores the checkpoint
+    # as it was written (as from its metadata), and the other optimizer is
+    # given that state.
+    restored = _restore(via, path, blob, opt if via == "flax" else _eight_bit(256), params)
     with pytest.raises(ValueError) as info:
         ax.check_state(opt, params, restored)
     assert _block_message(str(info.value)), str(info.value)
