@@ -270,7 +270,8 @@ def test_power_of_two_scaling_is_bit_exact(
     # them there (almost all of them; see the count below).
     margin = np.finfo(_real(dtype)).tiny * 2.0 ** (abs(k) + 1)
     values = (plain, scaled, u, u_c, m, m_c)
-    parts = [f(x) for x in values for f in ((np.real, np.imag) if np.iscomplexobj(x) else (np.abs,))]
+    split = (np.real, np.imag)
+    parts = [f(x) for x in values for f in (split if np.iscomplexobj(x) else (np.abs,))]
     clear = np.logical_and.reduce([(x == 0) | (np.abs(x) >= margin) for x in parts])
     assert clear.sum() >= clear.size // 2, (clear.sum(), k)
     np.testing.assert_array_equal(scaled[clear], plain[clear])
