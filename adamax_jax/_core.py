@@ -95,13 +95,15 @@ def bias_corrections(
     tracing and compiling a large tree short.
     """
     _, one_minus_b1 = b1_terms(b1, dtype)
-    # log β₁ = log(r) + log1p(e / r) with r = 1 - (1 - β₁) rounded and e its
-    # exact rounding error: log1p is only ever given a value below one ulp,
-    # and log an exact one. XLA's float64 log1p is up to 120 ulp off on
-    # [-0.5, -0.3] (β₁ from 0.5 to 0.7), which broke the exact step bound.
+    # log β₁ is log1p(-(1 - β₁)) where 1 - β₁ < 1/4, and log(r) + log1p(e / r)
+    # above, with r = 1 - (1 - β₁) rounded and e its exact rounding error:
+    # XLA's float64 log1p is up to 120 ulp off on [-0.5, -0.3] (β₁ from 0.5
+    # to 0.7), which broke the exact step bound, and its float32 log is a few
+    # ulp off relative to log r for r near 1, where log1p is exact.
     r = 1 - one_minus_b1
     e = (1 - r) - one_minus_b1
-    log_b1 = jnp.log(r) + jnp.log1p(-e / jnp.where(r == 0, jnp.ones_like(r), r))
+    exact_log = jnp.log(r) + jnp.log1p(-e / jnp.where(r == 0, jnp.ones_like(r), r))
+    log_b1 = jnp.where(one_minus_b1 < 0.25, jnp.log1p(-one_minus_b1), exact_log)
 
     def correction(t: jax.typing.ArrayLike) -> jax.Array:
         return -jnp.expm1(jnp.asarray(t).astype(log_b1.dtype) * log_b1)
