@@ -85,12 +85,12 @@ def seed(
             stride & 0xFFFFFFFF
         )
         stride *= g.shape[axis]
-    where = position + jnp.asarray(stream).astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)
-    return (
-        bits
-        ^ (jnp.asarray(count).astype(jnp.uint32) * jnp.uint32(0x9E3779B9))
-        ^ _mix(where + jnp.uint32(0x27D4EB2F))
+    # Odd multipliers take distinct positions, leaves and counts to distinct
+    # words; the one hash of the draw (:func:`_random_bits`) mixes them.
+    where = (position + jnp.asarray(stream).astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)) * (
+        jnp.uint32(0x27D4EB2F)
     )
+    return bits ^ (jnp.asarray(count).astype(jnp.uint32) * jnp.uint32(0x9E3779B9)) ^ where
 
 
 def _mix(h: jax.Array) -> jax.Array:
