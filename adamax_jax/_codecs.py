@@ -993,6 +993,10 @@ def block_peaks(x: jax.Array, layout: Any) -> jax.Array:
     max of values whose peak is at least 0 (:func:`_block_maxima`), so that
     the peaks are the same however the leaf is partitioned.
     """
+    # The peaks only choose the scales of integer codes, through which no
+    # derivative flows; a windowed reduce of a user computation has no
+    # derivative rule in JAX, so that the step's own would fail without this.
+    x = lax.stop_gradient(x)
     if _blocked(layout):
         # Laid out as blocks, XLA on CPU reduces `x` and `-x` together as it reads
         # `x`, where it would write ``|x|`` out first (several times slower); in

@@ -193,9 +193,9 @@ def compensate_rounding(
 
     def init_fn(params: optax.Params) -> CompensateRoundingState:
         def init_leaf(p):
-            if p is None or not below_32_bits(p.dtype):
+            if p is None or not below_32_bits(jnp.result_type(p)):
                 return None
-            return zeros_like(p, dtype or p.dtype)
+            return zeros_like(p, dtype or jnp.result_type(p))
 
         return CompensateRoundingState(jax.tree.map(init_leaf, params))
 

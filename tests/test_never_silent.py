@@ -227,18 +227,25 @@ def test_compensate_rounding_in_8_bits_says_why(dtype):
 # --- Derivatives: which flow through which stores ----------------------------------------------
 
 
-def _gradients():
+def _gradients(shape=SHAPE):
     k0, k1 = jax.random.split(jax.random.key(0))
-    return jax.random.normal(k0, SHAPE), jax.random.normal(k1, SHAPE)
+    return jax.random.normal(k0, shape), jax.random.normal(k1, shape)
 
 
-@pytest.mark.parametrize("config", STORAGE)
-def test_the_derivative_in_the_current_gradient_is_the_float32_steps(config):
+# Rows of 1100 values end in a part block of 76: its peaks come from windowed reductions.
+PART_BLOCK = (4, 1100)
+
+
+@pytest.mark.parametrize(
+    "config, shape",
+    [(c, SHAPE) for c in STORAGE] + [(c, PART_BLOCK) for c in sorted(EIGHT_BIT)],
+)
+def test_the_derivative_in_the_current_gradient_is_the_float32_steps(config, shape):
     # 8-bit state: the step is computed from the unrounded moments, so its derivative in
     # this step's gradient is exactly that of a float32 step from the same stored values.
-    g0, g1 = _gradients()
+    g0, g1 = _gradients(shape)
     opt, ref = ax.adamax(1e-3, **STORAGE[config]), ax.adamax(1e-3)
-    params = jnp.zeros(SHAPE)
+    params = jnp.zeros(shape)
     _, state = jax.jit(opt.update)(g0, opt.init(params), params)
     as_float32 = ax.convert_state(state, ref, params)
     d = jax.jit(jax.grad(lambda g: jnp.sum(opt.update(g, state, params)[0])))(g1)
@@ -319,3 +326,24 @@ def test_an_old_layout_state_is_refused_as_a_state_not_blamed_on_the_gradients()
     message = str(info.value)
     assert not message.startswith("`updates`"), message
     assert "convert_state" in message or "abstract_state" in message, message
+
+
+def test_the_derivative_is_finite_for_tiny_gradients_while_u_squared_is_normal():
+    # d(m/u) holds u²: with the default ε it stays a normal number; with ε = 0 and u = 1e-20
+    # it underflows, and the derivative is infinite (as optax's), as docs/guards.md says.
+    g = jnp.array([1e-30, 1e-20, 0.3])
+    for eps, finite in ((1e-8, True), (0.0, False)):
+        opt = ax.adamax(1e-3, eps=eps, eps_mode="none" if eps == 0 else "denominator")
+        state = opt.init(jnp.zeros(3))
+
+        def total(g, opt=opt, state=state):
+            return jnp.sum(opt.update(g, state)[0])
+
+        assert np.all(np.isfinite(opt.update(g, state)[0]))
+        d = jax.grad(total)(g)
+        assert np.all(np.isfinite(d)) == finite, d
+    reference = optax.adamax(1e-3, eps=0.0)
+    optax_state = reference.init(jnp.zeros(3))
+    with jax.numpy_dtype_promotion("standard"):
+        d_optax = jax.grad(lambda g: jnp.sum(reference.update(g, optax_state)[0]))(g)
+    assert not np.all(np.isfinite(d_optax))

@@ -510,6 +510,16 @@ def test_compensation_passes_32_bit_params_through():
     assert float(state.compensation["b"][0]) == pytest.approx(1e-3, rel=2**-8)
 
 
+def test_compensated_optimizer_takes_python_number_leaves():
+    # Python numbers are leaves like float32 arrays: nothing to compensate.
+    params = {"w": 1.0, "b": jnp.ones(2, BF16)}
+    opt = ax.adamax(1e-3, compensated=True)
+    state = opt.init(params)
+    updates, _ = opt.update({"w": 0.5, "b": jnp.full(2, 0.5, BF16)}, state, params)
+    assert float(updates["w"]) == pytest.approx(-1e-3, rel=1e-6)
+    assert ax.compensate_rounding().init({"w": 1.0}).compensation["w"] is None
+
+
 def test_compensate_rounding_needs_params():
     tx = ax.compensate_rounding()
     p = jnp.ones(2, BF16)
