@@ -338,9 +338,14 @@ def test_store_moment_rounds_to_nearest_in_32_bits(dtype):
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_store_moment_decays_to_zero(dtype):
     m = jnp.asarray([1.0, -1.0, 5e-5], dtype)
-    for step in range(4000):
-        m = store_moment(0.9 * m.astype(F32), m, step)
-    np.testing.assert_array_equal(np.asarray(m, np.float32), 0.0)
+
+    @jax.jit
+    def decay(m):
+        return jax.lax.fori_loop(
+            0, 4000, lambda step, m: store_moment(0.9 * m.astype(F32), m, step), m
+        )
+
+    np.testing.assert_array_equal(np.asarray(decay(m), np.float32), 0.0)
 
 
 # --- Low-precision parameters never give NaN or Inf -------------------------------------------
