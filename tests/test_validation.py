@@ -1011,7 +1011,11 @@ def test_adamax_step_integer_leaves_promote_to_float64_under_x64():
 
 
 @pytest.mark.parametrize("argument", ["param", "grad", "m", "u"])
-@pytest.mark.parametrize("bad", [True, np.array([True, False]), "1.0", object()], ids=repr)
+@pytest.mark.parametrize(
+    "bad",
+    [True, np.array([True, False]), "1.0", object()],
+    ids=["True", "bool-array", "text", "object"],
+)
 def test_adamax_step_boolean_or_text_leaves_name_argument_and_path(argument, bad):
     args = {k: {"w": jnp.ones(2)} for k in ("param", "grad", "m", "u")}
     args[argument] = {"w": bad}
