@@ -395,6 +395,103 @@ def holds_value(x: Any, dtype: jax.typing.DTypeLike) -> bool:
     return float(jnp.finfo(stored).max) >= float(jnp.finfo(real).max) * (1 - 2.0**-8)
 
 
+def store(
+    m: Any,
+    v: Any,
+    m_new: jax.Array,
+    v_new: jax.Array,
+    g: jax.Array,
+    floor: jax.Array,
+    *,
+    b1: tuple[jax.Array, jax.Array],
+    b2: jax.typing.ArrayLike,
+    eps: jax.Array | None,
+    salt: jax.typing.ArrayLike,
+) -> tuple[Any, Any, jax.Array, jax.Array]:
+    """Writes this step's moments over the stored `m` and `v`, each with its codec's rule.
+
+    μ is rounded unbiased, ν never below `floor` (:func:`encode`). The values
+    the step is then taken from are returned with the stored moments:
+
+    * 16-bit storage: the stored moments read back. A step from the unrounded
+      moments makes XLA recompute them from the old ones after the new ones
+      have been stored over them, so that a donated step first copies both old
+      moments: two extra full-size buffers and passes. Where a stored ν reads
+      back at least |g| (+ ε) (a bfloat16 ν cannot saturate) the gradient
+      need not be read again; elsewhere (a float16 ν saturates at 65504 times
+      its scale) ``max(floor, ν)`` is taken again. A float16 μ, which
+      saturates at 65504, steps from the unrounded m (its rounding enters
+      later steps), so that a gradient past float16's range still steps by the
+      learning rate.
+    * Block-wise (8-bit) storage and 32 bits: the unrounded moments. 8-bit
+      codes are stored by integer operations that XLA recomputes in the step
+      whatever a barrier says; the step reads the unrounded moments in the
+      same pass.
+
+    Block-wise scales are fitted to bounds on each block's largest value,
+    computed from the largest ``|g|`` and the largest stored value of the
+    block by the moment equations' own operations (``(1 - β₁) g + β₁ m``,
+    ``|g| + ε``, ``β₂ u``; rounding is monotone, so that they bound the new
+    values): no pass over the new values.
+
+    Args:
+        m: The stored first moment of the last step.
+        v: The stored infinity norm of the last step.
+        m_new: The new first moment, in the compute dtype.
+        v_new: The new infinity norm, in the compute dtype (complex in
+            "split" mode).
+        g: The gradient in the compute dtype.
+        floor: ``|g|`` (+ ε where ε is inside the max): the least value the
+            stored ν may read back as (complex in "split" mode: per part).
+        b1: β₁ and ``1 - β₁`` in the real compute dtype.
+        b2: β₂.
+        eps: ε where it is inside the max, else None.
+        salt: uint32 bits for μ's rounding draws (:func:`adamax_jax._precision.seed`).
+
+    Returns:
+        The stored μ and ν, and the values of μ and ν the step is taken from.
+    """
+    split = jnp.iscomplexobj(floor) and jnp.iscomplexobj(v_new)
+    cdt = m_new.dtype
+    m_peak = v_peak = v_held = None
+    layout = first_blockwise(m, v)
+    if layout is not None:
+        b1_r, one_minus_b1 = b1
+        g_peak = block_peaks(g, layout)
+        m_old_peak = moment_peaks(m, cdt)
+        if m_old_peak is not None:
+            m_peak = one_minus_b1.astype(cdt) * g_peak + b1_r.astype(cdt) * m_old_peak
+        v_peak = g_peak if eps is None else g_peak + eps
+        v_old_peak = moment_peaks(v, floor.dtype)
+        if v_old_peak is not None:
+            # A bound on each block's decayed values, for a block whose scale
+            # decays below float32's normal range (see encode).
+            v_held = jnp.asarray(b2, jnp.finfo(cdt).dtype) * v_old_peak
+    m_stored = encode(m_new, m, "mu", next_scale(m, "mu", b2), salt=salt, peak=m_peak)
+    v_stored = encode(
+        v_new,
+        v,
+        "nu",
+        next_scale(v, "nu", b2),
+        floor=None if split else floor,
+        peak=v_peak,
+        held=v_held,
+    )
+    if layout is not None or (storage_dtype(m).itemsize >= 4 and storage_dtype(v).itemsize >= 4):
+        return m_stored, v_stored, m_new, v_new
+    m_stored, v_stored = lax.optimization_barrier((m_stored, v_stored))
+    if holds_value(m_stored, cdt):
+        m_new = decode(m_stored, cdt)
+    v_new = decode(v_stored, floor.dtype)
+    if split:
+        v_new = lax.complex(
+            jnp.maximum(floor.real, v_new.real), jnp.maximum(floor.imag, v_new.imag)
+        )
+    elif not holds_floor(v_stored, floor.dtype):
+        v_new = jnp.maximum(floor, v_new)
+    return m_stored, v_stored, m_new, v_new
+
+
 def _uint_of(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
 
@@ -535,11 +632,6 @@ def _saturate_to(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     if jnp.iscomplexobj(x):
         return x.astype(dtype)
     return saturate(x, x, jnp.asarray(jnp.finfo(dtype).max, x.dtype)).astype(dtype)
-
-
-def barrier(m: Any, v: Any) -> tuple[Any, Any]:
-    """An optimization barrier over two stored moments (plain or encoded)."""
-    return lax.optimization_barrier((m, v))
 
 
 def from_value(value: jax.Array, template: Any, role: Role) -> Any:
@@ -895,6 +987,38 @@ def block_layout(*moments: Any) -> int | None:
     assert x.block_size is not None
     n = x.codes.shape[-1]
     return x.block_size if n % x.block_size == 0 or n < x.block_size else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a step lays out the arrays of one leaf (see :func:`in_blocks`).
+
+    Where a moment is stored block-wise and its last axis is whole blocks,
+    every array of the step is laid out as blocks of that size, and handed
+    back in the leaf's own layout; elsewhere the layout is the leaf's own.
+    """
+
+    block_size: int | None
+    n: int
+
+    @classmethod
+    def of(cls, m: Any, v: Any) -> "Layout":
+        """The layout for a leaf whose stored moments are `m` and `v`."""
+        size = block_layout(m, v)
+        return cls(size, 0 if size is None else stored_values(m).shape[-1])
+
+    def enter(self, g: jax.Array, m: Any, v: Any) -> tuple[jax.Array, Any, Any]:
+        """The gradient and the stored moments in this layout."""
+        if self.block_size is None:
+            return g, m, v
+        size = self.block_size
+        return to_blocks(g, size), in_blocks(m, size), in_blocks(v, size)
+
+    def leave(self, d: jax.Array, m: Any, v: Any) -> tuple[jax.Array, Any, Any]:
+        """The direction and the stored moments back in the leaf's own layout."""
+        if self.block_size is None:
+            return d, m, v
+        return from_blocks(d, self.n), out_of_blocks(m, self.n), out_of_blocks(v, self.n)
 
 
 def to_blocks(x: jax.Array, block_size: int) -> jax.Array:

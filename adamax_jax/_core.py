@@ -129,37 +129,6 @@ def adamax_leaf(
     m: Any,
     v: Any,
     count: jax.Array,
-    **kwargs: Any,
-) -> tuple[jax.Array, Any, Any]:
-    r"""One AdaMax step for one array (see :func:`_leaf`); keyword arguments as there.
-
-    Where a moment is stored block-wise, the step runs with every array of the
-    leaf laid out as blocks (:func:`adamax_jax._codecs.in_blocks`), and hands
-    the direction and the moments back in the leaf's own layout.
-    """
-    block_size = _codecs.block_layout(m, v)
-    if block_size is None:
-        return _leaf(g, m, v, count, **kwargs)
-    n = g.shape[-1]
-    direction, m, v = _leaf(
-        _codecs.to_blocks(g, block_size),
-        _codecs.in_blocks(m, block_size),
-        _codecs.in_blocks(v, block_size),
-        count,
-        **kwargs,
-    )
-    return (
-        _codecs.from_blocks(direction, n),
-        _codecs.out_of_blocks(m, n),
-        _codecs.out_of_blocks(v, n),
-    )
-
-
-def _leaf(
-    g: jax.Array,
-    m: Any,
-    v: Any,
-    count: jax.Array,
     *,
     b1: jax.typing.ArrayLike,
     b2: jax.typing.ArrayLike,
@@ -171,23 +140,17 @@ def _leaf(
     corrections: tuple[jax.Array, jax.Array | None] | None = None,
     stream: jax.typing.ArrayLike = 0,
 ) -> tuple[jax.Array, Any, Any]:
-    r"""One AdaMax step for one array.
+    r"""One AdaMax step for one array: the equations, between a read and a write of storage.
 
-    .. math::
-        \begin{align*}
-        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
-        u_t &= \max(\beta_2 u_{t-1}, |g_t| [+ \epsilon]) \\
-        d_t &= \frac{m_t}{1 - \beta_1^t} \Big/ (u_t [+ \epsilon])
-        \end{align*}
-
-    The moments come in and go out in their storage layout (a plain array, or
-    an :class:`~adamax_jax.EncodedMoment`); the equations run on their values
-    in the compute dtype (float32 at least), and :mod:`adamax_jax._codecs`
-    reads and writes them.
+    The stored moments are read as values in the compute dtype (float32 at
+    least), :func:`moments` and :func:`direction` run on those values, and
+    :func:`adamax_jax._codecs.store` writes the new moments back with each
+    storage's rounding rule and says which values the step is taken from.
 
     Args:
         g: The gradient.
-        m: The stored first moment.
+        m: The stored first moment (a plain array or an
+            :class:`~adamax_jax._codecs.EncodedMoment`).
         v: The stored infinity norm.
         count: The 1-based step ``t`` (an integer array).
         b1: β₁.
@@ -210,124 +173,155 @@ def _leaf(
     cdt = compute_dtype(g.dtype)
     rdt = real_dtype(cdt)
     split = complex_mode == "split" and jnp.issubdtype(cdt, jnp.complexfloating)
-    b1_r, one_minus_b1_r = b1_terms(b1, rdt)
-    b1_c, one_minus_b1 = b1_r.astype(cdt), one_minus_b1_r.astype(cdt)
-    eps_r = jnp.asarray(eps, rdt)
     gc = g.astype(cdt)
-
-    # The same order of operations as optax's update_moment, so that the two
-    # agree to the bit in float32.
-    m_new = one_minus_b1 * gc + b1_c * _codecs.decode(m, cdt)
-
-    if split:
-        mag = _split_apply(jnp.abs, gc)
-    else:
-        mag = jnp.abs(gc)
-        if jnp.issubdtype(cdt, jnp.complexfloating):
-            # The modulus of a complex number with both parts near the largest
-            # finite value is past it; u holds that largest value instead.
-            mag = jnp.minimum(mag, jnp.asarray(jnp.finfo(rdt).max, rdt))
-    if eps_mode == "inside_max":
-        mag = mag + (lax.complex(eps_r, eps_r) if split else eps_r)
-    decay = jnp.asarray(b2, rdt)
-    if split:
-        v_new = _split_apply(
-            jnp.maximum, mag, decay.astype(mag.dtype) * _codecs.decode(v, mag.dtype)
-        )
-    else:
-        v_new = jnp.maximum(mag, decay * _codecs.decode(v, mag.dtype))
-    m_peak = v_peak = v_held = None
-    layout = _codecs.first_blockwise(m, v)
-    if layout is not None:
-        # Bounds on each block's largest |m| and floor, from the largest |g| and the
-        # largest stored |m| of the block, computed by the operations that compute m
-        # (rounding is monotone, so that they bound it): no pass over the new values.
-        g_peak = _codecs.block_peaks(gc, layout)
-        m_old_peak = _codecs.moment_peaks(m, cdt)
-        if m_old_peak is not None:
-            m_peak = one_minus_b1 * g_peak + b1_c * m_old_peak
-        v_peak = g_peak + eps_r if eps_mode == "inside_max" else g_peak
-        v_old_peak = _codecs.moment_peaks(v, mag.dtype)
-        if v_old_peak is not None:
-            # A bound on each block's decayed values, for a block whose scale
-            # decays below float32's normal range (see _codecs.encode).
-            v_held = decay * v_old_peak
-    m_stored = _codecs.encode(
-        m_new,
+    b1_pair = b1_terms(b1, rdt)
+    eps_r = jnp.asarray(eps, rdt)
+    layout = _codecs.Layout.of(m, v)
+    gc, m, v = layout.enter(gc, m, v)
+    eps_inside = eps_r if eps_mode == "inside_max" else None
+    m_new, v_new, floor = moments(
+        gc,
+        _codecs.decode(m, cdt),
+        _codecs.decode(v, cdt if split else rdt),
+        b1=b1_pair,
+        b2=b2,
+        eps=eps_inside,
+        split=split,
+    )
+    m, v, m_new, v_new = _codecs.store(
         m,
-        "mu",
-        _codecs.next_scale(m, "mu", b2),
-        salt=_precision.seed(g, count, stream),
-        peak=m_peak,
-    )
-    v_stored = _codecs.encode(
-        v_new,
         v,
-        "nu",
-        _codecs.next_scale(v, "nu", b2),
-        floor=None if split else mag,
-        peak=v_peak,
-        held=v_held,
+        m_new,
+        v_new,
+        gc,
+        floor,
+        b1=b1_pair,
+        b2=b2,
+        eps=eps_inside,
+        salt=_precision.seed(gc, count, stream),
     )
-    if layout is None and (
-        _codecs.storage_dtype(m).itemsize < 4 or _codecs.storage_dtype(v).itemsize < 4
-    ):
-        # A step from the unrounded moments makes XLA recompute them from the
-        # old ones after the new ones have been stored over them, so that a
-        # donated step first copies both old moments: two extra full-size
-        # buffers and passes. The step is taken from the stored moments
-        # instead. Where a stored ν reads back at least |g| (+ ε) (encode compares
-        # the value read back, and a bfloat16 ν cannot saturate), the gradient
-        # need not be read again; elsewhere (a float16 ν saturates at 65504 times
-        # its scale) |g| (+ ε) is applied again. (Block-wise moments are stored by
-        # integer operations that XLA recomputes in the step whatever the barrier
-        # says; their step is taken from the unrounded moments, which it reads in
-        # the same pass.)
-        m_stored, v_stored = _codecs.barrier(m_stored, v_stored)
-        if _codecs.holds_value(m_stored, cdt):
-            m_new = _codecs.decode(m_stored, cdt)
-        # else a float16 μ, which saturates at 65504: the step keeps the unrounded m
-        # (its rounding enters later steps), so that a gradient past float16's range
-        # still steps by the learning rate.
-        v_new = _codecs.decode(v_stored, mag.dtype)
-        if split:
-            v_new = _split_apply(jnp.maximum, mag, v_new)
-        elif not _codecs.holds_floor(v_stored, mag.dtype):
-            v_new = jnp.maximum(mag, v_new)
-    u = v_new
-
     if corrections is None:
         corrections = bias_corrections(b1, count, rdt, nesterov)
+    d = direction(
+        m_new,
+        v_new,
+        gc,
+        b1=b1_pair,
+        eps=eps_r if eps_mode == "denominator" else None,
+        corrections=corrections,
+        split=split,
+        guard_zero=guard_zero,
+    )
+    return layout.leave(d, m, v)
+
+
+def moments(
+    g: jax.Array,
+    m: jax.Array,
+    u: jax.Array,
+    *,
+    b1: tuple[jax.Array, jax.Array],
+    b2: jax.typing.ArrayLike,
+    eps: jax.Array | None,
+    split: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""The new moments from the gradient and the previous ones, all in the compute dtype.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+        u_t = \max(\beta_2 u_{t-1}, |g_t| [+ \epsilon])
+
+    Args:
+        g: The gradient.
+        m: The previous first moment.
+        u: The previous infinity norm: real, or complex in "split" mode.
+        b1: β₁ and ``1 - β₁`` in the real compute dtype (:func:`b1_terms`).
+        b2: β₂.
+        eps: ε where it goes inside the max, else None.
+        split: Complex "split" mode: real and imaginary parts have separate norms.
+
+    Returns:
+        ``m_t``, ``u_t``, and ``|g_t|`` (+ ε), the least value ``u_t`` may be stored as.
+    """
+    b1_r, one_minus_b1 = b1
+    # The same order of operations as optax's update_moment, so that the two
+    # agree to the bit in float32.
+    m_new = one_minus_b1.astype(g.dtype) * g + b1_r.astype(g.dtype) * m
+    rdt = real_dtype(g.dtype)
+    if split:
+        mag = _split_apply(jnp.abs, g)
+    else:
+        # The modulus of a complex number with both parts near the largest
+        # finite value is past it; u holds that largest value instead.
+        mag = jnp.abs(g)
+        if jnp.iscomplexobj(g):
+            mag = jnp.minimum(mag, jnp.asarray(jnp.finfo(rdt).max, rdt))
+    if eps is not None:
+        mag = mag + (lax.complex(eps, eps) if split else eps)
+    decay = jnp.asarray(b2, rdt)
+    if split:
+        return m_new, _split_apply(jnp.maximum, mag, decay.astype(mag.dtype) * u), mag
+    return m_new, jnp.maximum(mag, decay * u), mag
+
+
+def direction(
+    m: jax.Array,
+    u: jax.Array,
+    g: jax.Array,
+    *,
+    b1: tuple[jax.Array, jax.Array],
+    eps: jax.Array | None,
+    corrections: tuple[jax.Array, jax.Array | None],
+    split: bool,
+    guard_zero: bool,
+) -> jax.Array:
+    r"""The step's direction from the new moments, in the compute dtype.
+
+    .. math::
+        d_t = \frac{m_t}{1 - \beta_1^t} \Big/ (u_t [+ \epsilon])
+
+    With Nesterov momentum (``corrections`` holds ``1 - β₁^(t+1)`` too), NadaMax's
+    ``(β₁ m_t / (1 - β₁^(t+1)) + (1 - β₁) g_t / (1 - β₁^t)) / u_t``.
+
+    Args:
+        m: The new first moment.
+        u: The new infinity norm.
+        g: The gradient.
+        b1: β₁ and ``1 - β₁`` in the real compute dtype (:func:`b1_terms`).
+        eps: ε where it goes in the denominator, else None.
+        corrections: ``1 - β₁^t`` and, for Nesterov momentum, ``1 - β₁^(t+1)``
+            (:func:`bias_corrections`).
+        split: Complex "split" mode: real and imaginary parts have separate norms.
+        guard_zero: Give 0 where the denominator is 0.
+    """
+    cdt = m.dtype
+    rdt = real_dtype(cdt)
     bc, bc_next = corrections
-    if eps_mode == "denominator":
-        u = u + (lax.complex(eps_r, eps_r) if split else eps_r)
+    if eps is not None:
+        u = u + (lax.complex(eps, eps) if split else eps)
 
     def divide(a, b):
-        return (
-            _split_apply(lambda x, y: _safe_divide(x, y, guard_zero), a, b)
-            if split
-            else (_safe_divide(a, b.astype(cdt), guard_zero))
-        )
+        if split:
+            return _split_apply(lambda x, y: _safe_divide(x, y, guard_zero), a, b)
+        return _safe_divide(a, b.astype(cdt), guard_zero)
 
-    if nesterov:
-        assert bc_next is not None, "Nesterov momentum needs the correction for t + 1."
+    if bc_next is not None:
+        b1_r, one_minus_b1 = b1
         # Each ratio is divided by u first: m/u and g/u are at most about 1,
         # where β₁ m / (1 - β₁^(t+1)) + (1 - β₁) g / (1 - β₁^t) can overflow
         # for gradients near the dtype's largest value.
-        direction = b1_c / bc_next.astype(cdt) * divide(m_new, u) + one_minus_b1 / bc.astype(
+        return b1_r.astype(cdt) / bc_next.astype(cdt) * divide(m, u) + one_minus_b1.astype(
             cdt
-        ) * divide(gc, u)
-        return direction, m_stored, v_stored
+        ) / bc.astype(cdt) * divide(g, u)
     # m̂ = m / (1 - β₁^t) is a weighted mean of the gradients, so at most the
     # largest finite value; the roundings of m and of the correction can take
     # it one ulp past that, to infinity, where a gradient is that large. Only a
     # finite m is held there: an infinite one (a non-finite gradient) stays
     # infinite, so that m̂/u is NaN, as in optax, and not a silent 0.
-    m_hat = m_new / bc.astype(cdt)
+    m_hat = m / bc.astype(cdt)
     big = jnp.asarray(jnp.finfo(rdt).max, rdt)
-    if jnp.issubdtype(cdt, jnp.complexfloating):
+    if jnp.iscomplexobj(m_hat):
         held = lax.complex(jnp.clip(m_hat.real, -big, big), jnp.clip(m_hat.imag, -big, big))
     else:
         held = jnp.clip(m_hat, -big, big)
-    m_hat = jnp.where(jnp.isfinite(m_new), held, m_hat)
-    return divide(m_hat, u), m_stored, v_stored
+    return divide(jnp.where(jnp.isfinite(m), held, m_hat), u)
