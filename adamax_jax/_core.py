@@ -295,8 +295,8 @@ def direction(
         guard_zero: Give 0 where the denominator is 0.
     """
     cdt = m.dtype
-    rdt = real_dtype(cdt)
-    bc, bc_next = corrections
+    b1_c, one_minus_b1 = (x.astype(cdt) for x in b1)
+    bc, bc_next = (None if x is None else x.astype(cdt) for x in corrections)
     if eps is not None:
         u = u + (lax.complex(eps, eps) if split else eps)
 
@@ -306,22 +306,20 @@ def direction(
         return _safe_divide(a, b.astype(cdt), guard_zero)
 
     if bc_next is not None:
-        b1_r, one_minus_b1 = b1
         # Each ratio is divided by u first: m/u and g/u are at most about 1,
         # where β₁ m / (1 - β₁^(t+1)) + (1 - β₁) g / (1 - β₁^t) can overflow
         # for gradients near the dtype's largest value.
-        return b1_r.astype(cdt) / bc_next.astype(cdt) * divide(m, u) + one_minus_b1.astype(
-            cdt
-        ) / bc.astype(cdt) * divide(g, u)
+        return b1_c / bc_next * divide(m, u) + one_minus_b1 / bc * divide(g, u)
     # m̂ = m / (1 - β₁^t) is a weighted mean of the gradients, so at most the
     # largest finite value; the roundings of m and of the correction can take
     # it one ulp past that, to infinity, where a gradient is that large. Only a
     # finite m is held there: an infinite one (a non-finite gradient) stays
     # infinite, so that m̂/u is NaN, as in optax, and not a silent 0.
-    m_hat = m / bc.astype(cdt)
-    big = jnp.asarray(jnp.finfo(rdt).max, rdt)
-    if jnp.iscomplexobj(m_hat):
-        held = lax.complex(jnp.clip(m_hat.real, -big, big), jnp.clip(m_hat.imag, -big, big))
-    else:
-        held = jnp.clip(m_hat, -big, big)
+    m_hat = m / bc
+    big = jnp.asarray(jnp.finfo(cdt).max, real_dtype(cdt))
+
+    def clip(x):
+        return jnp.clip(x, -big, big)
+
+    held = _split_apply(clip, m_hat) if jnp.iscomplexobj(m_hat) else clip(m_hat)
     return divide(jnp.where(jnp.isfinite(m), held, m_hat), u)
