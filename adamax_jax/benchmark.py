@@ -571,26 +571,27 @@ def _leaf_sizes(spec: TreeSpec) -> set[int]:
 
 def compile_with_buffers(
     setup: StepSetup, args: tuple[Any, ...], spec: TreeSpec
-) -> tuple[Any, dict[str, Any] | None]:
-    """Compiles the step with XLA's dump on; returns it and a summary of its temporary buffers.
+) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    """Compiles the step with XLA's dump on.
 
-    The summary is None where the backend writes no buffer assignment. A buffer
-    is leaf-sized when it has the shape of a parameter leaf of two values or
-    more (in any dtype): a copy of a leaf, or of its moment.
+    Returns it, its compile time and memory (as :func:`compile_here`) and a
+    summary of its temporary buffers: None where the backend writes no buffer
+    assignment. A buffer is leaf-sized when it has the shape of a parameter leaf
+    of two values or more (in any dtype): a copy of a leaf, or of its moment.
     """
     with tempfile.TemporaryDirectory(prefix="adamax_jax_benchmark_") as dump:
         try:
-            compiled, _ = compile_here(setup, args, {"xla_dump_to": dump})
+            compiled, info = compile_here(setup, args, {"xla_dump_to": dump})
         except Exception:  # a backend that takes no dump options
-            return compile_here(setup, args)[0], None
+            return (*compile_here(setup, args), None)
         paths = sorted(p for p in Path(dump).glob("*buffer-assignment.txt"))
         if not paths:
-            return compiled, None
+            return compiled, info, None
         total, buffers = temp_buffers(paths[-1].read_text())
     shapes = {s for _, s in spec.leaves if math.prod(s) > 1}
     leaf_sized = [b for b in buffers if b[1] in shapes]
     largest = max(buffers, default=(0, None, None))
-    return compiled, {
+    summary = {
         "temp_allocation_bytes": total,
         "count": len(buffers),
         "largest_bytes": largest[0],
@@ -598,6 +599,7 @@ def compile_with_buffers(
         "leaf_sized_count": len(leaf_sized),
         "leaf_sized_bytes": sum(b[0] for b in leaf_sized),
     }
+    return compiled, info, summary
 
 
 def make_runner(
@@ -751,6 +753,7 @@ def run_tree(
     storage: Sequence[str] = tuple(STORAGE),
     compile_timeout: float | None = None,
     compile_memory: int | None = None,
+    dump_compiles: bool = False,
 ) -> dict[str, Any]:
     """Compiles and times every optimizer on one tree, round after round; returns its results.
 
@@ -769,6 +772,11 @@ def run_tree(
         compile_memory: With `compile_timeout`, the address space in bytes that
             each compile process may use, or None for no limit. A compile that
             fails (runs out of memory, say) is reported, and its row not timed.
+        dump_compiles: Without `compile_timeout`: compile with XLA's dump on and
+            read the temporary buffers from those compiles, so that each row
+            compiles once (``--quick``); the compile times then include writing
+            the dump. Otherwise a row with room for a leaf-sized buffer is
+            compiled once more, with the dump, after the timed compiles.
 
     Returns:
         The tree and one row of results for each optimizer.
@@ -784,6 +792,7 @@ def run_tree(
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     timed_out: set[str] = set()
     failed: dict[str, str] = {}
+    dumped: dict[str, dict[str, Any] | None] = {}
 
     def concrete_args(kind: str) -> tuple:
         if kind not in args:
@@ -794,7 +803,12 @@ def run_tree(
         for kind in kinds:
             if kind in timed_out or kind in failed:
                 continue
-            if compile_timeout is None:
+            if compile_timeout is None and dump_compiles:
+                compiled[kind], info, dumped[kind] = compile_with_buffers(
+                    setups[kind], concrete_args(kind), spec
+                )
+                where = ""
+            elif compile_timeout is None:
                 compiled[kind], info = compile_here(setups[kind], concrete_args(kind))
                 where = ""
             else:
@@ -828,10 +842,13 @@ def run_tree(
         temp = info["temp_bytes"]
         if temp is not None and leaf_sizes and temp >= min(leaf_sizes):
             # Room for a leaf-sized buffer (of a byte a value or more): read the buffers.
-            exe, info["temp_buffers"] = compile_with_buffers(
-                setups[kind], concrete_args(kind), spec
-            )
-            compiled.setdefault(kind, exe)
+            if kind in dumped:
+                info["temp_buffers"] = dumped[kind]
+            else:
+                exe, _, info["temp_buffers"] = compile_with_buffers(
+                    setups[kind], concrete_args(kind), spec
+                )
+                compiled.setdefault(kind, exe)
         if kind not in compiled:
             compiled[kind], _ = compile_here(setups[kind], concrete_args(kind))
         runners.append(make_runner(kind, compiled[kind], concrete_args(kind), params_np, info))
@@ -1395,6 +1412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append(
             "compile s: jax.jit(step, donate_argnums=...).lower(*args).compile() of a fresh "
             "function, in this process after jax.clear_caches()"
+            + (
+                "; --quick compiles each step once, with XLA's dump on for its temp buffers, "
+                "so this includes writing the dump"
+                if args.quick
+                else ""
+            )
         )
     else:
         notes.append(
@@ -1439,6 +1462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 storage=storage,
                 compile_timeout=args.compile_timeout,
                 compile_memory=memory_limit,
+                dump_compiles=args.quick,
             )
         )
     report = {
