@@ -299,7 +299,9 @@ def test_helpers_find_the_state_in_a_chain():
 # --- 6. Derivatives are finite wherever the forward pass is -----------------------------
 
 
-def _meta_loss(opt, params, x, y):
+def _meta_after(opt, x, y):
+    """The loss after one step from `p`: the forward pass that meta-gradients go through."""
+
     def loss(p):
         return jnp.sum((p["w"] * x + 0.0 * jnp.sum(p["dead"]) - y) ** 2)
 
@@ -307,6 +309,11 @@ def _meta_loss(opt, params, x, y):
         updates, _ = opt.update(jax.grad(loss)(p), opt.init(p), p)
         return loss(optax.apply_updates(p, updates))
 
+    return after
+
+
+def _meta_loss(opt, params, x, y):
+    after = _meta_after(opt, x, y)
     return after(params), jax.grad(after)(params)
 
 
@@ -318,13 +325,13 @@ def test_meta_gradients_are_finite_with_a_dead_parameter(alias, eps_mode):
     value, grads = _meta_loss(opt, params, jnp.array([1.0, 2.0]), jnp.array([2.0, 1.0]))
     assert np.isfinite(float(value))
     chex.assert_tree_all_finite(grads)
-    # The meta-gradient of w against central differences of the forward value.
+    # The meta-gradient of w against central differences of the forward value (the
+    # forward pass alone: the differences need no gradients of their own).
+    after = _meta_after(opt, jnp.array([1.0, 2.0]), jnp.array([2.0, 1.0]))
     h = 1e-3
     for i in range(2):
-        bump = {"w": params["w"].at[i].add(h), "dead": params["dead"]}
-        dip = {"w": params["w"].at[i].add(-h), "dead": params["dead"]}
-        up, _ = _meta_loss(opt, bump, jnp.array([1.0, 2.0]), jnp.array([2.0, 1.0]))
-        down, _ = _meta_loss(opt, dip, jnp.array([1.0, 2.0]), jnp.array([2.0, 1.0]))
+        up = after({"w": params["w"].at[i].add(h), "dead": params["dead"]})
+        down = after({"w": params["w"].at[i].add(-h), "dead": params["dead"]})
         np.testing.assert_allclose(grads["w"][i], (up - down) / (2 * h), rtol=0.05, atol=1e-3)
 
 
@@ -556,16 +563,14 @@ def test_bias_correction_within_a_few_ulp_for_every_b1(dtype):
 
     b1s = [0.0, 0.1, 0.3, 0.5, 0.59375, 0.6, 0.65, 0.7, 0.75, 0.9, 0.99, 0.999, 1 - 1e-8]
     counts = [1, 2, 3, 50, 1000]
+    # β₁ and t as arguments, as injected hyperparameters arrive: constants would be
+    # folded by the compiler with the host's own log1p. One program for every β₁ and t.
+    correction = jax.jit(lambda b, c: bias_corrections(b, c, dtype, False)[0])
     with jax.enable_x64(dtype == np.float64):
         for b1 in b1s:
             one_minus = max(1 - np.float64(dtype(b1)), np.finfo(dtype).epsneg)
             for t in counts:
-                # β₁ as an argument, as injected hyperparameters arrive: a constant
-                # would be folded by the compiler with the host's own log1p.
-                b1_array = jnp.asarray(b1, dtype)
-                got = float(
-                    jax.jit(lambda b, c: bias_corrections(b, c, dtype, False)[0])(b1_array, t)
-                )
+                got = float(correction(jnp.asarray(b1, dtype), t))
                 with np.errstate(divide="ignore"):  # β₁ = 0: log 0
                     want = -np.expm1(t * np.log1p(-one_minus))
                 assert abs(got - want) <= 4 * np.finfo(dtype).eps * want, (b1, t, got, want)
