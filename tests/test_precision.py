@@ -312,14 +312,23 @@ def test_scaled_nu_only_moves_by_powers_of_two_without_new_gradients():
 @pytest.mark.parametrize("target", [0.01, 0.3, -1.7, 123.0])
 def test_low_precision_mu_reaches_a_steady_gradient(dtype, target):
     b1 = 0.9
-    m_stored = m_nearest = jnp.asarray(10 * target, dtype)
-    seen = []
-    for step in range(600):
-        value = b1 * m_stored.astype(F32) + (1 - b1) * F32(target)
-        m_stored = store_moment(value, m_stored, step)
-        m_nearest = (b1 * m_nearest.astype(F32) + (1 - b1) * F32(target)).astype(dtype)
-        seen.append(float(m_stored))
-        assert m_stored.dtype == dtype
+
+    # 600 steps compiled in one loop, not 600 eager steps.
+    @jax.jit
+    def run(m):
+        def body(carry, step):
+            m_stored, m_nearest = carry
+            value = b1 * m_stored.astype(F32) + (1 - b1) * F32(target)
+            m_stored = store_moment(value, m_stored, step)
+            m_nearest = (b1 * m_nearest.astype(F32) + (1 - b1) * F32(target)).astype(dtype)
+            return (m_stored, m_nearest), m_stored
+
+        (_, m_nearest), seen = jax.lax.scan(body, (m, m), jnp.arange(600))
+        return m_nearest, seen
+
+    m_nearest, seen = run(jnp.asarray(10 * target, dtype))
+    assert seen.dtype == dtype
+    seen = np.asarray(seen, np.float64)
     ulp = _ulp(target, dtype)
     # Stochastic rounding: it stays within a few units of the gradient, and on average
     # (over the last 300 steps) within half of one; rounding to nearest stalls well short.
