@@ -1,14 +1,18 @@
 """Makes JAX strict, so that silent dtype or rank promotions fail loudly.
 
 Also: hypothesis keeps no example database (nothing is written into the
-repository), and under ``CI=true`` a run with any skipped test fails.
+repository), under ``CI=true`` a run with any skipped test fails, and the
+documentation site is built at most once a session (``docs_build``).
 """
 
 import os
+import shutil
 
 import hypothesis
 import jax
 import pytest
+
+from tests import docs_build as _docs_build
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -25,6 +29,19 @@ def standard_promotion():
     """For code under test that is not ours (optax, keras) and promotes implicitly."""
     with jax.numpy_dtype_promotion("standard"):
         yield
+
+
+@pytest.fixture(scope="session")
+def docs_build():
+    """The site, built once (tests/docs_build.py): the docs tests read it, the notebook
+    tests the tour as the build executed it."""
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_nb")
+    build = _docs_build.build()
+    try:
+        yield build
+    finally:
+        shutil.rmtree(build.root, ignore_errors=True)
 
 
 def _ci() -> bool:

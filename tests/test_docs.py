@@ -1,51 +1,30 @@
 """The documentation site builds offline with warnings as errors, and reads as it should.
 
 The build is the one the README gives (`python -m sphinx -W --keep-going -b html docs OUT`);
-it executes the tour notebook. The built site is then checked as a reader would meet it:
+it executes the tour notebook. It is made once a session (tests/docs_build.py), and
+tests/test_notebook.py reads the tour as it ran there. The built site is checked as a reader
+would meet it:
 LinkChecker follows every internal link, image and anchor from the home page, the navigation
 lists every page, and nothing is loaded from the network.
 """
 
-import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 import adamax_jax
+from tests.docs_build import DOCS, ROOT, make_readable, readable_tempdir, sphinx
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs"
 CHECKER_CONFIG = "[AnchorCheck]\n"
 
 pytest.importorskip("sphinx")
 pytest.importorskip("myst_nb")
 LINKCHECKER = shutil.which("linkchecker", path=str(Path(sys.executable).parent))
-
-
-def _readable_tempdir():
-    # LinkChecker run as root drops to `nobody`, which must be able to read the site.
-    path = Path(tempfile.mkdtemp(prefix="adamax-docs-"))
-    path.chmod(0o755)
-    return path
-
-
-def _sphinx(source, out, conf_dir=None, **extra_env):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra_env)
-    args = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
-    if conf_dir is not None:
-        args += ["-c", str(conf_dir)]
-    return subprocess.run(
-        [*args, str(source), str(out)], env=env, capture_output=True, text=True, timeout=600
-    )
 
 
 def _linkcheck(start, workdir):
@@ -61,22 +40,10 @@ def _linkcheck(start, workdir):
     )
 
 
-def _make_readable(path):
-    for p in [path, *path.rglob("*")]:
-        p.chmod(p.stat().st_mode | stat.S_IRGRP | stat.S_IROTH | (0o055 if p.is_dir() else 0))
-
-
 @pytest.fixture(scope="module")
-def site():
-    out = _readable_tempdir()
-    try:
-        # The tour writes its animation where `ADAMAX_TOUR_GIF` says: proof that it ran.
-        result = _sphinx(DOCS, out / "html", ADAMAX_TOUR_GIF=str(out / "tour.gif"))
-        assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-        _make_readable(out)
-        yield out / "html"
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+def site(docs_build):
+    assert docs_build.result.returncode == 0, docs_build.log()
+    return docs_build.html
 
 
 class _Links(HTMLParser):
@@ -110,14 +77,14 @@ def test_every_internal_link_image_and_anchor_resolves(site):
 
 
 def test_the_link_checker_reports_broken_links_and_anchors():
-    work = _readable_tempdir()
+    work = readable_tempdir()
     try:
         (work / "index.html").write_text(
             '<html><body><a href="other.html#there">ok</a><a href="missing.html">x</a>'
             '<img src="missing.png"><a href="other.html#nowhere">y</a></body></html>'
         )
         (work / "other.html").write_text('<html><body><p id="there">b</p></body></html>')
-        _make_readable(work)
+        make_readable(work)
         report = _linkcheck(work / "index.html", work)
         text = report.stdout + report.stderr
         assert report.returncode != 0
@@ -153,7 +120,7 @@ def test_every_public_name_has_an_api_entry(site):
 
 
 def test_an_undocumented_public_name_fails_the_build():
-    work = _readable_tempdir()
+    work = readable_tempdir()
     try:
         documented = [n for n in adamax_jax.__all__ if n != "nadamax"]
         (work / "src").mkdir()
@@ -163,7 +130,7 @@ def test_an_undocumented_public_name_fails_the_build():
         (work / "conf.py").write_text(
             f"import sys\nsys.path.insert(0, {str(DOCS / '_ext')!r})\nextensions = ['public_api']\n"
         )
-        result = _sphinx(work / "src", work / "out", conf_dir=work)
+        result = sphinx(work / "src", work / "out", conf_dir=work)
         assert result.returncode != 0
         assert "adamax_jax.nadamax" in result.stderr, result.stderr[-3000:]
         assert "adamax_jax.adamax`" not in result.stderr
@@ -207,7 +174,8 @@ def test_the_notebook_page_is_executed_and_shows_its_pictures(site):
     page = (site / "adamax_tour.html").read_text()
     assert "Traceback" not in page
     assert "expected (0.998, 0.01, 0.1)" in page
-    # The notebook ran during the build (its committed outputs were not just copied).
+    # The notebook ran during the build (its committed outputs were not just copied): the
+    # tour writes its animation where `ADAMAX_TOUR_GIF` says.
     assert (site.parent / "tour.gif").stat().st_size > 10_000
 
 

@@ -1,15 +1,18 @@
-"""The tour notebook: committed with its outputs, and it still runs clean from the top."""
+"""The tour notebook: committed with its outputs, and it still runs clean from the top.
+
+It runs once a session, in the build of the documentation site that executes it (the
+``docs_build`` fixture of tests/conftest.py); these tests read what that run gave.
+"""
 
 import ast
 import pathlib
-import shutil
 
 import pytest
 
 import adamax_jax
 
 nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("nbclient")  # what myst-nb executes the notebook with
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / "notebooks" / "adamax_tour.ipynb"
 
@@ -36,23 +39,16 @@ def committed():
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(docs_build):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    work = tmp_path_factory.mktemp("tour")
-    copy = work / NOTEBOOK.name
-    shutil.copy(NOTEBOOK, copy)
-    nb = nbformat.read(copy, as_version=4)
-    with pytest.MonkeyPatch.context() as mp:
-        # The GIF goes into pytest's temporary directory, not over the committed one, and
-        # not into a directory of its own that nothing would remove.
-        mp.setenv("ADAMAX_TOUR_GIF", str(work / "adamax_1d.gif"))
-        client = nbclient.NotebookClient(
-            nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(work)}}
-        )
-        client.execute()
-    # Written where it was told to go, so that pytest removes it with the rest.
-    assert (work / "adamax_1d.gif").read_bytes()[:6] == b"GIF89a"
+    # myst-nb executes it with a python3 kernel, and a cell that raises fails the build.
+    assert docs_build.tour.is_file(), "the tour was not executed:\n" + docs_build.log()
+    nb = nbformat.read(docs_build.tour, as_version=4)
+    assert nb.metadata.kernelspec.name == "python3"
+    # The GIF went where it was told to go (the build's temporary directory, removed with
+    # it), not over the committed one.
+    assert docs_build.gif.read_bytes()[:6] == b"GIF89a"
     return nb
 
 
