@@ -228,6 +228,8 @@ def final_params():
             threads=1,
             progress=benchmark.Progress(io.StringIO()),
             label="tiny",
+            # Each row compiled once, as --quick does: only the parameters are read here.
+            dump_compiles=True,
         )
     params, grads = benchmark.tree_data(spec)
     finals = {r.name: dict(zip(params, r.params(), strict=True)) for r in runners}
