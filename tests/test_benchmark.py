@@ -624,6 +624,23 @@ def test_full_trees_have_the_sizes_the_readme_quotes():
     assert benchmark.tree_spec("nope", quick=False) is None
 
 
+@pytest.mark.parametrize("small", [False, True])
+def test_the_stacked_transformer_holds_the_transformers_parameters_in_19_leaves(small):
+    flat = next(s for s in benchmark.tree_specs(small) if s.key == "transformer")
+    stacked = benchmark.tree_spec("transformer-stacked", small)
+    assert stacked.key == "transformer-stacked"
+    assert (stacked.n_leaves, stacked.n_params) == (19, flat.n_params)
+    blocks = 12 if not small else 2
+    shapes = dict(flat.leaves)
+    for name, shape in stacked.leaves:
+        if name.startswith("blocks/"):
+            # One leaf per parameter of a block, with the blocks on a leading axis.
+            assert shape[0] == blocks, name
+            assert shapes[f"block00/{name.removeprefix('blocks/')}"] == shape[1:], name
+        else:
+            assert shapes[name] == shape, name
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
