@@ -250,6 +250,9 @@ def main(out_dir: str) -> None:
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     jax.config.update("jax_numpy_rank_promotion", "raise")
     results, arrays = {}, {}
+    # The single-device references by (storage, leaves trained): runs that train the same
+    # leaves (Explicit axes with and without ZeRO-1, say) share theirs.
+    references = {}
     for name in DTYPES:
         for run_name, (mode, zero1, every) in RUNS.items():
             names = tuple(k for k in every if name not in FEWER or k in SOME)
@@ -264,7 +267,10 @@ def main(out_dir: str) -> None:
             record["trained"] = [k for k in names if k not in refused]
             if not record["trained"]:
                 continue
-            reference = single(name, record["trained"], KINDS)
+            key = (name, tuple(record["trained"]))
+            if key not in references:
+                references[key] = single(name, record["trained"], KINDS)
+            reference = references[key]
             for kind in KINDS:
                 store(arrays, f"{name}/{run_name}/{kind}/sharded", out[kind])
                 store(arrays, f"{name}/{run_name}/{kind}/single", reference[kind])
