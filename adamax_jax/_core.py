@@ -296,7 +296,8 @@ def direction(
     """
     cdt = m.dtype
     b1_c, one_minus_b1 = (x.astype(cdt) for x in b1)
-    bc, bc_next = (None if x is None else x.astype(cdt) for x in corrections)
+    bc = corrections[0].astype(cdt)
+    bc_next = None if corrections[1] is None else corrections[1].astype(cdt)
     if eps is not None:
         u = u + (lax.complex(eps, eps) if split else eps)
 
