@@ -593,6 +593,39 @@ def test_targets_are_checked_from_the_rows(quick):
     check = by_text[f"many-leaves: compile time of {benchmark.OURS} / {benchmark.OPTAX}"]
     ratio = many[benchmark.OURS]["compile_s"] / many[benchmark.OPTAX]["compile_s"]
     assert check["value"] == pytest.approx(ratio)
+    # Each storage kind against float32 state: step time, compile time of many leaves,
+    # and no temporary buffer of a leaf's shape.
+    limits = {
+        benchmark.OURS_BF16: (1.0, 1.5),
+        benchmark.OURS_INT8: (2.0, 3.0),
+        benchmark.OURS_FP8: (2.0, 3.0),
+    }
+    seen = 0
+    for tree in report["trees"]:
+        rows = _rows(tree)
+        for name, (step_limit, compile_limit) in limits.items():
+            ratio = rows[name]["median_s"] / rows[benchmark.OURS]["median_s"]
+            text = f"{tree['key']}: step time of {name} / {benchmark.OURS}"
+            if tree["key"] in ("one-leaf", "transformer"):
+                assert by_text[text]["value"] == pytest.approx(ratio)
+                assert by_text[text]["threshold"] == step_limit
+                assert by_text[text]["met"] == (ratio <= step_limit)
+                seen += 1
+            else:
+                assert text not in by_text
+            ratio = rows[name]["compile_s"] / rows[benchmark.OURS]["compile_s"]
+            text = f"{tree['key']}: compile time of {name} / {benchmark.OURS}"
+            if tree["key"] == "many-leaves":
+                assert by_text[text]["value"] == pytest.approx(ratio)
+                assert by_text[text]["met"] == (ratio <= compile_limit)
+                seen += 1
+        for name in (benchmark.OURS, *limits):
+            r = rows[name]
+            check = by_text[f"{tree['key']}: leaf-sized temp buffers of {name}"]
+            count = r["temp_buffers"]["leaf_sized_count"] if r["temp_buffers"] else 0
+            assert check["value"] == count
+            assert check["met"] == (count == 0) == (not r["leaf_sized_temp"])
+    assert seen == 3 * 3
 
 
 def test_writes_a_png(quick):
