@@ -1,6 +1,7 @@
 """Makes JAX strict, so that silent dtype or rank promotions fail loudly.
 
-Also: hypothesis keeps no example database (nothing is written into the
+Also: the long worker subprocesses start with the session (tests/background.py),
+hypothesis keeps no example database (nothing is written into the
 repository), under ``CI=true`` a run with any skipped test fails, and the
 documentation site is built at most once a session (``docs_build``).
 """
@@ -12,6 +13,7 @@ import hypothesis
 import jax
 import pytest
 
+from tests import background
 from tests import docs_build as _docs_build
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -48,6 +50,12 @@ def _ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Starts the worker subprocesses of the selected tests (tests/background.py)."""
+    if not config.option.collectonly:
+        background.queue({item.module.__name__ for item in items if getattr(item, "module", None)})
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Under ``CI=true``, a skipped test fails the run.
 
@@ -56,6 +64,7 @@ def pytest_sessionfinish(session, exitstatus):
     backend that was not the expected one. Locally a skip is only reported
     (``-ra`` lists each with its reason).
     """
+    background.stop()
     if not _ci() or exitstatus != pytest.ExitCode.OK:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -1,11 +1,9 @@
 import io
 import json
 import math
-import os
 import statistics
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 
 from adamax_jax import benchmark
+from tests import background
 from tests.reference import adamax_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,20 +53,22 @@ def _require_torch_rows(report):
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """One `--quick` run in a fresh process, as a user or CI would start it."""
-    out = tmp_path_factory.mktemp("benchmark")
-    proc = subprocess.run(
-        [sys.executable, "-m", "adamax_jax.benchmark", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def quick():
+    """One `--quick` run in a fresh process, as a user or CI would start it (started with
+    the session, tests/background.py)."""
+    out = background.result("benchmark-quick")
     report = json.loads((out / "results.json").read_text())
-    return out, proc, report
+    return out, _completed(out), report
+
+
+def _completed(out):
+    """The run's exit status (0: background.result checked it), stdout and stderr."""
+    return subprocess.CompletedProcess(
+        "benchmark",
+        0,
+        (out / "worker_0.out").read_text(),
+        (out / "worker_0.err").read_text(),
+    )
 
 
 def _rows(tree):
@@ -430,22 +431,11 @@ def test_ratios_to_float32_state_are_paired_by_round(quick):
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory):
-    """A `--compile-timeout` run: each compile in a fresh process, two of each."""
-    out = tmp_path_factory.mktemp("benchmark_fresh")
-    argv = ["--quick", "--no-torch", "--trees", "leaves-2", "--storage", "int8"]
-    argv += ["--compile-timeout", "300", "--compile-repeats", "2", "--steps", "3"]
-    argv += ["--warmup", "1", "--out", str(out)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "adamax_jax.benchmark", *argv],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc, json.loads((out / "results.json").read_text())
+def fresh():
+    """A `--compile-timeout` run: each compile in a fresh process, two of each (started with
+    the session, tests/background.py)."""
+    out = background.result("benchmark-fresh")
+    return _completed(out), json.loads((out / "results.json").read_text())
 
 
 def test_compiles_in_fresh_processes(fresh):

@@ -6,13 +6,9 @@ tests/_multiprocess_worker.py as 2 processes of 4 host devices each.
 """
 
 import json
-import os
 import socket
-import subprocess
 import sys
-import time
 import types
-from pathlib import Path
 
 import chex
 import jax
@@ -24,71 +20,16 @@ from jax.sharding import PartitionSpec as P
 
 import adamax_jax as ax
 from adamax_jax._sharding import _split, zero1_state_shardings, zeros_like
-from tests import _multiprocess_worker, _sharding_worker
+from tests import _multiprocess_worker, _sharding_worker, background
+from tests.background import WorkerFailure, device_env, run_workers
 from tests.reference import adamax_numpy
 
-REPO = Path(__file__).resolve().parents[1]
-# Bounds against a hang, not speed targets: generous for a loaded 2-core machine.
-SHARDING_TIMEOUT_S = 300
+# A bound against a hang, not a speed target: generous for a loaded 2-core machine.
 MULTIPROCESS_TIMEOUT_S = 120
 
 
-class WorkerFailure(AssertionError):
-    """A worker subprocess died, failed or ran out of time."""
-
-
-def _env(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def _tail(path, limit=4000):
-    text = Path(path).read_text(errors="replace")
-    return text[-limit:]
-
-
-def run_workers(commands, env, timeout, log_dir):
-    """Runs `commands` at once; all must exit 0.
-
-    As soon as one exits non-zero the others are killed and WorkerFailure names
-    it with its stderr; past `timeout` every one still running is killed. No
-    process outlives this call.
-    """
-    procs, logs = [], []
-    try:
-        for i, command in enumerate(commands):
-            out, err = Path(log_dir) / f"worker_{i}.out", Path(log_dir) / f"worker_{i}.err"
-            logs.append(err)
-            with open(out, "wb") as fout, open(err, "wb") as ferr:
-                procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=fout, stderr=ferr))
-        deadline = time.monotonic() + timeout
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                raise WorkerFailure(
-                    "\n".join(
-                        f"worker {i} ({' '.join(commands[i][2:])}) exited with {codes[i]}; "
-                        f"its stderr:\n{_tail(logs[i])}"
-                        for i in failed
-                    )
-                )
-            if all(c == 0 for c in codes):
-                return
-            if time.monotonic() > deadline:
-                running = [i for i, c in enumerate(codes) if c is None]
-                raise WorkerFailure(
-                    f"workers {running} still running after {timeout} s; stderr of worker "
-                    f"{running[0]}:\n{_tail(logs[running[0]])}"
-                )
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+# The workers' environment and runner, shared with the other multi-device tests.
+_env = device_env
 
 
 def _free_port():
@@ -197,10 +138,9 @@ def test_split_rule(shape, spec, axes, sizes, expected):
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharding")
-    command = [sys.executable, "-m", "tests._sharding_worker", str(out)]
-    run_workers([command], _env(8), SHARDING_TIMEOUT_S, out)
+def sharded():
+    # tests._sharding_worker on 8 devices, started with the session (tests/background.py).
+    out = background.result("sharding")
     results = json.loads((out / "results.json").read_text())
     with np.load(out / "arrays.npz") as arrays:
         return results, dict(arrays)

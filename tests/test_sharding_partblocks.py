@@ -10,17 +10,13 @@ tests read only what the public API gives back, whatever the state's layout.
 """
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
 from tests import _partblock_worker as worker
-from tests.test_sharding import _env, run_workers
+from tests import background
 
-# A bound against a hang, not a speed target: the worker takes about 110 s of CPU time,
-# most of it compiling the sharded steps (4 minutes on a loaded 2-core machine).
-TIMEOUT_S = 600
 WHAT = ("params", "nu", "mu")
 HOW = ("sharded", "single")
 CASES = [
@@ -29,10 +25,9 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("partblocks")
-    command = [sys.executable, "-m", "tests._partblock_worker", str(out)]
-    run_workers([command], _env(worker.DEVICES), TIMEOUT_S, out)
+def runs():
+    # tests._partblock_worker on 8 devices, started with the session (tests/background.py).
+    out = background.result("partblocks")
     results = json.loads((out / "results.json").read_text())
     with np.load(out / "arrays.npz") as arrays:
         return results, dict(arrays)
