@@ -1062,8 +1062,12 @@ def out_of_blocks(x: Any, n: int) -> Any:
     return from_blocks(x, n)
 
 
-def _block_maxima(operands: tuple[jax.Array, ...], layout: "EncodedMoment") -> list[jax.Array]:
+def _block_maxima(
+    operands: tuple[jax.Array, ...], layout: "EncodedMoment", combine: Any = lax.max
+) -> list[jax.Array]:
     """The largest value of each block of each array of `operands`, or 0 where that is larger.
+
+    With ``combine=lax.min``, the least value, or 0 where that is smaller.
 
     The arrays are laid out as the block-wise moment `layout` is: as blocks
     (reduced along the last axis), or as the leaf (reduced in windows of the
@@ -1079,7 +1083,7 @@ def _block_maxima(operands: tuple[jax.Array, ...], layout: "EncodedMoment") -> l
     zeros = tuple(jnp.zeros((), x.dtype) for x in operands)
 
     def maxima(a, b):
-        return tuple(lax.max(x, y) for x, y in zip(a, b, strict=True))
+        return tuple(combine(x, y) for x, y in zip(a, b, strict=True))
 
     ndim = operands[0].ndim
     if _blocked(layout):
@@ -1123,11 +1127,15 @@ def block_peaks(x: jax.Array, layout: Any) -> jax.Array:
     x = lax.stop_gradient(x)
     if _blocked(layout):
         # Laid out as blocks, XLA on CPU reduces `x` and `-x` together as it reads
-        # `x`, where it would write ``|x|`` out first (several times slower); in
-        # windows it is the other way round.
+        # `x`, where it would write ``|x|`` out first (several times slower).
         largest, negated = _block_maxima((x, -x), layout)
         return jnp.maximum(largest, negated)
-    return _block_maxima((jnp.abs(x),), layout)[0]
+    # In windows, XLA on CPU writes out any operation on `x` that a windowed
+    # reduction reads (|x| or -x: a temporary buffer of the leaf's size, 4 bytes a
+    # parameter): the largest and the least value are reduced from `x` itself.
+    largest = _block_maxima((x,), layout)[0]
+    least = _block_maxima((x,), layout, lax.min)[0]
+    return jnp.maximum(largest, -least)
 
 
 def _code_magnitudes(codes: jax.Array) -> jax.Array:

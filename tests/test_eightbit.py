@@ -83,6 +83,26 @@ def test_state_bytes_per_parameter(mu_dtype, nu_dtype):
     assert per_param >= 2.0
 
 
+@pytest.mark.parametrize(("mu_dtype", "nu_dtype"), PAIRS[:4], ids=PAIR_IDS[:4])
+@pytest.mark.parametrize("shape", [(512, 384), (256, 1100)], ids=["1.5-blocks", "4.3-blocks"])
+def test_a_part_block_step_writes_no_float32_buffer_of_the_leafs_size(mu_dtype, nu_dtype, shape):
+    # A last axis that ends in a part block is reduced in windows. Its donated step
+    # holds at most the copies of the old 8-bit codes (1 byte a value each, see the
+    # docs' 8-bit Speed section) and the block scales, never |g| or -g in float32.
+    opt = ax.adamax(LR, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    params = {"w": jax.ShapeDtypeStruct(shape, F32)}
+    state = jax.eval_shape(opt.init, params)
+
+    def step(p, g, s):
+        updates, s = opt.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 2)).lower(params, params, state).compile()
+    n = math.prod(shape)
+    # The two copies, and per-block arrays (a few float32 values a block of 256).
+    assert compiled.memory_analysis().temp_size_in_bytes <= 2 * n + n // 4
+
+
 # --- Refusals ----------------------------------------------------------------------------------
 
 
