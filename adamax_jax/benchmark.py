@@ -1293,7 +1293,8 @@ def table(report: dict[str, Any]) -> str:
     for t in report["targets"]:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         lines.append(
-            f"- {t['target']}: {_num(t['value'], '.2f')} ({t['op']} {t['threshold']}: {verdict})"
+            f"- {t['target']}: {_num(t['value'], 'd' if isinstance(t['value'], int) else '.2f')} "
+            f"({t['op']} {t['threshold']}: {verdict})"
         )
     lines += [f"- note: {n}" for n in report["notes"]]
     return "\n".join(lines)

@@ -573,7 +573,7 @@ def test_rows_whose_compile_ran_out_of_time_or_failed(monkeypatch, standard_prom
 
 
 def test_targets_are_checked_from_the_rows(quick):
-    _, _, report = quick
+    _, proc, report = quick
     by_text = {t["target"]: t for t in report["targets"]}
     for tree in report["trees"]:
         check = by_text[f"{tree['key']}: speed of {benchmark.OURS} / {benchmark.OPTAX}"]
@@ -615,6 +615,8 @@ def test_targets_are_checked_from_the_rows(quick):
             count = r["temp_buffers"]["leaf_sized_count"] if r["temp_buffers"] else 0
             assert check["value"] == count
             assert check["met"] == (count == 0) == (not r["leaf_sized_temp"])
+            verdict = "met" if count == 0 else "NOT met"
+            assert f"{check['target']}: {count} (<= 0: {verdict})" in proc.stdout
     assert seen == 3 * 3
 
 
