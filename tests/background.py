@@ -224,10 +224,16 @@ def _run_queue() -> None:
         JOBS[name].done.wait()
 
 
-def queue(modules: set[str]) -> None:
-    """Starts, one after another in the background, the jobs read by `modules`."""
+def queue(modules: list[str]) -> None:
+    """Starts, one after another in the background, the jobs read by `modules`.
+
+    In the order the session runs `modules`, so that the first job needed is the first
+    one started.
+    """
+    order = {module: i for i, module in reversed(list(enumerate(modules)))}
     with _lock:
-        _queue.extend(name for name, job in JOBS.items() if job.module in modules)
+        selected = [name for name, job in JOBS.items() if job.module in order]
+        _queue.extend(sorted(selected, key=lambda name: order[JOBS[name].module]))
     if _queue:
         threading.Thread(target=_run_queue, daemon=True).start()
 

@@ -53,7 +53,7 @@ def _ci() -> bool:
 def pytest_collection_modifyitems(session, config, items):
     """Starts the worker subprocesses of the selected tests (tests/background.py)."""
     if not config.option.collectonly:
-        background.queue({item.module.__name__ for item in items if getattr(item, "module", None)})
+        background.queue([item.module.__name__ for item in items if getattr(item, "module", None)])
 
 
 def pytest_sessionfinish(session, exitstatus):
