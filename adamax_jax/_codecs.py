@@ -1078,7 +1078,7 @@ def _block_maxima(
     inside a block. (A partitioned variadic reduce window pads every operand
     with the initial value of the first: a max and a min of the same values
     then took -inf as the least value of a last axis's part block, so that a
-    sharded step saturated its scale, issue 21.)
+    sharded step saturated its scale.)
     """
     zeros = tuple(jnp.zeros((), x.dtype) for x in operands)
 

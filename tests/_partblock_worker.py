@@ -43,7 +43,7 @@ DTYPES = {
 # Parameters over the (data=2, model=4) mesh: name -> (shape, spec). Every one is
 # stored block-wise (at least 4096 values), with blocks of 256 along the last axis.
 LAYOUT = {
-    # 260 a shard; each row ends in a part block of 16 (issue 21).
+    # 260 a shard; each row ends in a part block of 16.
     "part": ((8, 1040), P(None, "model")),
     # 264 a shard; a part block of 32.
     "part32": ((8, 1056), P(None, "model")),
@@ -88,7 +88,8 @@ def host_params(shapes):
 
 
 def host_grads(shapes, kind):
-    """`STEPS` gradients: all ones (issue 21), or random over six decades."""
+    """`STEPS` gradients: all ones (which once saturated a sharded part block's scale), or
+    random over six decades."""
     if kind == "ones":
         return [{k: np.ones(s, np.float32) for k, s in shapes.items()}] * STEPS
     out = []

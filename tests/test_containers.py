@@ -1,6 +1,6 @@
 """The optimizer state in the containers users keep it in: flax.nnx, flax serialization, orbax.
 
-Issue 21, part 2. Every storage dtype: the real ``nnx.Optimizer`` (eagerly and
+Every storage dtype: the real ``nnx.Optimizer`` (eagerly and
 under ``nnx.jit``) against a plain optax loop, ``flax.serialization`` and orbax
 round trips that continue bit-identically, a block size recorded in every
 checkpoint and refused when it differs, a restore without a target refused with

@@ -1,6 +1,6 @@
 """8-bit state under every sharding the docs allow: as on one device, or refused at init.
 
-Shards that cut blocks and last axes that end in a part block (issue 21), for every
+Shards that cut blocks and last axes that end in a part block, for every
 8-bit storage dtype, on Auto and Explicit mesh axes, FSDP-style and with ZeRO-1 state
 (``zero1_state_shardings``): after 5 jitted steps, with a steady gradient of 1 and
 with random ones, the parameters, ``infinity_norm`` and ``first_moment`` are those of
@@ -89,7 +89,7 @@ def test_sharded_8_bit_steps_equal_one_device_or_init_refuses(runs, dtype, run, 
 
 @pytest.mark.parametrize("dtype, run", [(d, r) for d in worker.DTYPES for r in worker.RUNS])
 def test_a_steady_gradient_moves_every_parameter_about_the_learning_rate_a_step(runs, dtype, run):
-    # Issue 21: with g = 1 a part block's ν scale saturated on a sharded step, and its
+    # With g = 1 a part block's ν scale saturated on a sharded step, and its
     # parameters stopped after the first (or, with a non-finite peak, went NaN). Five
     # steps of about the learning rate each, whatever one device does.
     record = _record(runs, dtype, run)
