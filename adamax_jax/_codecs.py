@@ -451,7 +451,8 @@ def store(
     Returns:
         The stored μ and ν, and the values of μ and ν the step is taken from.
     """
-    split = jnp.iscomplexobj(floor) and jnp.iscomplexobj(v_new)
+    # Complex "split" mode keeps a floor per part; a modulus floor is real.
+    split = jnp.iscomplexobj(floor)
     cdt = m_new.dtype
     m_peak = v_peak = v_held = None
     layout = first_blockwise(m, v)
