@@ -3,18 +3,16 @@
 Also: the long worker subprocesses start with the session (tests/background.py),
 hypothesis keeps no example database (nothing is written into the
 repository), under ``CI=true`` a run with any skipped test fails, and the
-documentation site is built at most once a session (``docs_build``).
+documentation site is built at most once a session, in the background (``docs_build``).
 """
 
 import os
-import shutil
 
 import hypothesis
 import jax
 import pytest
 
 from tests import background
-from tests import docs_build as _docs_build
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -39,21 +37,28 @@ def docs_build():
     tests the tour as the build executed it."""
     pytest.importorskip("sphinx")
     pytest.importorskip("myst_nb")
-    build = _docs_build.build()
-    try:
-        yield build
-    finally:
-        shutil.rmtree(build.root, ignore_errors=True)
+    # Built in the background from the start of the session; its folder goes with the others.
+    return background.value("docs")
 
 
 def _ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def _module(item) -> str | None:
+    module = getattr(item, "module", None)
+    return None if module is None else module.__name__
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Starts the worker subprocesses of the selected tests (tests/background.py)."""
+    """Runs the modules that read background jobs last, and starts those jobs
+    (tests/background.py): they run while the other tests do."""
+    readers = background.modules()
+    items[:] = [i for i in items if _module(i) not in readers] + [
+        i for i in items if _module(i) in readers
+    ]
     if not config.option.collectonly:
-        background.queue([item.module.__name__ for item in items if getattr(item, "module", None)])
+        background.queue([m for m in map(_module, items) if m is not None])
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -68,9 +68,13 @@ class Build:
         return self.result.stdout[-limit:] + self.result.stderr[-limit:]
 
 
-def build():
-    """Builds the site into a new readable temporary directory; the caller removes it."""
-    root = readable_tempdir()
+def build(root=None):
+    """Builds the site into `root` (made readable), or a new readable temporary directory
+    that the caller removes."""
+    if root is None:
+        root = readable_tempdir()
+    root = Path(root)
+    root.chmod(0o755)
     result = sphinx(DOCS, root / "html", ADAMAX_TOUR_GIF=str(root / "tour.gif"))
     make_readable(root)
     return Build(root, result)

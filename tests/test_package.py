@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import adamax_jax
+from tests import background
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = sorted(p.name for p in (ROOT / "adamax_jax").glob("*.py"))
@@ -39,10 +40,8 @@ def _run(args, cwd, timeout=600):
     return result
 
 
-@pytest.fixture(scope="module")
-def dist(tmp_path_factory):
-    pytest.importorskip("build")
-    out = tmp_path_factory.mktemp("dist")
+def _build(out):
+    """The wheel and the sdist, built into `out` from a copy of the checkout."""
     # A copy of the tracked and untracked-but-not-ignored files, so that the build leaves
     # nothing (build/, *.egg-info) in the working tree.
     files = subprocess.run(
@@ -63,6 +62,34 @@ def dist(tmp_path_factory):
     (wheel,) = out.glob("adamax_jax-*.whl")
     (sdist,) = out.glob("adamax_jax-*.tar.gz")
     return wheel, sdist
+
+
+def build_and_install(out):
+    """Builds the archives, installs the wheel in a new environment and runs its doctests
+    there, in folders under `out` (a job started with the session, tests/background.py).
+
+    Returns:
+        The wheel, the sdist, the new environment's python and its home folder, and the
+        doctests' completed process.
+    """
+    dist = out / "dist"
+    dist.mkdir()
+    wheel, sdist = _build(dist)
+    home = out / "venv"
+    home.mkdir()
+    python = _install(wheel, home)
+    return wheel, sdist, python, home, _doctests(python, home)
+
+
+@pytest.fixture(scope="module")
+def package():
+    pytest.importorskip("build")
+    return background.value("package")
+
+
+@pytest.fixture(scope="module")
+def dist(package):
+    return package[:2]
 
 
 def test_archives_are_named_for_the_version(dist):
@@ -95,10 +122,8 @@ def test_archives_hold_every_module_the_types_marker_and_the_license(dist):
     assert {"README.md", "LICENSE", "pyproject.toml"} <= members
 
 
-@pytest.fixture(scope="module")
-def venv(dist, tmp_path_factory):
-    wheel, _ = dist
-    home = tmp_path_factory.mktemp("venv")
+def _install(wheel, home):
+    """A new environment in `home` with `wheel` installed; its python."""
     env_dir = home / "env"
     _run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], home)
     python = env_dir / "bin" / "python"
@@ -116,7 +141,12 @@ def venv(dist, tmp_path_factory):
     ours |= set(site.getsitepackages())
     (purelib / "zz_parent.pth").write_text("\n".join(sorted(ours)) + "\n")
     _run([python, "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], home)
-    return python, home
+    return python
+
+
+@pytest.fixture(scope="module")
+def venv(package):
+    return package[2:4]
 
 
 def test_the_wheel_is_what_the_new_environment_imports(venv):
@@ -127,9 +157,9 @@ def test_the_wheel_is_what_the_new_environment_imports(venv):
     assert not imported.is_relative_to(ROOT), imported
 
 
-def test_the_installed_package_passes_its_doctests(venv):
-    python, home = venv
-    result = _run(
+def _doctests(python, home):
+    """The installed package's doctests, run in its environment."""
+    return subprocess.run(
         [
             python,
             "-m",
@@ -143,8 +173,17 @@ def test_the_installed_package_passes_its_doctests(venv):
             "--pyargs",
             "adamax_jax",
         ],
-        home,
+        cwd=home,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+
+
+def test_the_installed_package_passes_its_doctests(package):
+    result = package[4]
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout
 
 
@@ -156,16 +195,16 @@ def test_the_installed_demo_checks_the_worked_examples(venv):
     assert "FAILED" not in result.stdout
 
 
-def _pyright(*args):
-    pyright = shutil.which("pyright", path=str(Path(sys.executable).parent))
-    assert pyright, "pyright is not installed (it is in the `test` extra)"
+def pyright(*args):
+    exe = shutil.which("pyright", path=str(Path(sys.executable).parent))
+    assert exe, "pyright is not installed (it is in the `test` extra)"
     env = _env()
     # pyright resolves imports with the sys.path of the first `python` on PATH: this one,
     # with the source tree first (pyright cannot follow an editable install's import hook).
     env["PYTHONPATH"] = str(ROOT)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return subprocess.run(
-        [pyright, "--outputjson", *args],
+        [exe, "--outputjson", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -175,8 +214,9 @@ def _pyright(*args):
 
 
 def test_pyright_finds_no_type_errors():
-    # Standard mode, configured in pyproject.toml's [tool.pyright].
-    result = _pyright("adamax_jax")
+    # Standard mode, configured in pyproject.toml's [tool.pyright]; run from the start of
+    # the session (tests/background.py).
+    result = background.value("pyright")
     report = json.loads(result.stdout)
     errors = [
         f"{d['file']}:{d['range']['start']['line'] + 1}: {d['message']}"
@@ -190,7 +230,7 @@ def test_pyright_finds_no_type_errors():
 
 def test_the_public_api_is_fully_annotated():
     # What `py.typed` promises: every symbol the package exports has a known type.
-    result = _pyright("--verifytypes", "adamax_jax", "--ignoreexternal")
+    result = pyright("--verifytypes", "adamax_jax", "--ignoreexternal")
     report = json.loads(result.stdout)["typeCompleteness"]
     unknown = [
         f"{s['name']}: {[d['message'] for d in s['diagnostics']]}"

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 import adamax_jax as ax
 from tests import _multiprocess_worker as mp
 from tests import _resume_worker as worker
+from tests import background
 from tests.test_sharding import _close_to_single, _env, _free_port, run_workers
 
 # Bounds against a hang, not speed targets: generous for a loaded 2-core machine.
@@ -256,9 +257,9 @@ def _command(role, devices, out, process_id=0, port=0):
     return command + ["--out", str(out), "--process-id", str(process_id), "--port", str(port)]
 
 
-@pytest.fixture(scope="module")
-def resumed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume")
+def train_and_resume(out):
+    """Two processes train and save into `out`; one process of 8 devices and two processes
+    resume (a job started with the session, tests/background.py)."""
     env = _env(1)  # each worker sets its own device count
     port = _free_port()
     train = [_command("train", 4, out, i, port) for i in range(worker.NUM_PROCESSES)]
@@ -278,6 +279,11 @@ def resumed(tmp_path_factory):
         with np.load(out / f"reference_{config}.npz") as f:
             arrays[f"reference_{config}"] = dict(f)
     return out, facts, arrays, time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def resumed():
+    return background.value("resume")
 
 
 def _prefixed(arrays, prefix):
@@ -421,10 +427,16 @@ def test_fsdp_state_follows_the_parameters_with_no_collectives(resumed, name, mo
 # The example.
 
 
-def test_the_multiprocess_example_runs(tmp_path):
+def multiprocess_example(out):
+    """The example's command, environment and timeout, run in `out` (a job started with the
+    session, tests/background.py)."""
     command = [sys.executable, "-m", "adamax_jax.examples.multiprocess", "--processes", "2"]
-    command += ["--devices", "2", "--steps", "2", "--dir", str(tmp_path / "run")]
-    run_workers([command], _env(1), TIMEOUT_S, tmp_path)
+    command += ["--devices", "2", "--steps", "2", "--dir", str(out / "run")]
+    return [command], _env(1), TIMEOUT_S
+
+
+def test_the_multiprocess_example_runs():
+    tmp_path = background.result("multiprocess-example")
     out = (tmp_path / "worker_0.out").read_text()
     assert re.search(r"trained 2 steps in 2 processes", out), out
     assert re.search(r"restored in 1 process", out), out
