@@ -48,8 +48,8 @@ DEFAULT_BLOCK_SIZE = 256
 class EncodedMoment:
     """A moment stored with a scale, and the name of the codec that wrote it.
 
-    With the "scaled" codec (bfloat16 and float16 ν, float16 μ) the moment is
-    ``codes · scale``, computed in float32. Any floating dtype of ``codes``
+    With the "scaled" codec (bfloat16 and float16 ν; a 16-bit μ is a plain
+    array) the moment is ``codes · scale``, computed in float32. Any floating dtype of ``codes``
     keeps that meaning, so ``optax.tree.cast`` of a state changes its
     precision but not its values.
 
