@@ -249,11 +249,18 @@ def check_moment(x: Any, where: str, role: Role) -> None:
         dtype = jnp.dtype(x.dtype)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise ValueError(f"`{where}` is a {dtype} array; a moment must be floating point.")
-        if codec_for(dtype, role) is not None:
+        codec = codec_for(dtype, role)
+        if codec == SCALED:
             raise ValueError(
                 f"`{where}` is a plain {dtype} array. A {role} stored in {dtype} must carry "
-                "its scale (an `EncodedMoment`, as `opt.init` makes it), or its decay would "
-                f"round away and it would never decrease. {convert}"
+                f"its scale (in `{_scale_path(where, role)}`, as `opt.init` makes it), or its "
+                f"decay would round away and it would never decrease. {convert}"
+            )
+        if codec == BLOCKWISE:
+            raise ValueError(
+                f"`{where}` is a plain {dtype} array. A {role} stored in {dtype} is 8-bit "
+                f"codes with one scale per block (in `{_scale_path(where, role)}`, as "
+                f"`opt.init` makes them); without them the codes mean nothing. {convert}"
             )
         return
     if x.codec not in CODECS:
@@ -261,6 +268,13 @@ def check_moment(x: Any, where: str, role: Role) -> None:
     if x.codec == BLOCKWISE:
         _check_blockwise(x, where, role, convert)
         return
+    if role == "mu":
+        # A μ is plain or block-wise: a scalar scale on it is a state put together
+        # by hand (or its moments swapped), and would scale every μ read from it.
+        raise ValueError(
+            f"`{_scale_path(where, role)}` is a scalar scale, but a μ is stored as a plain "
+            f"array or in 8-bit blocks; only a 16-bit ν carries a scalar scale. {convert}"
+        )
     codes, scale = jnp.dtype(x.codes.dtype), jnp.dtype(x.scale.dtype)
     if not jnp.issubdtype(codes, jnp.floating):
         raise ValueError(

@@ -29,6 +29,25 @@ def real_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
     return jnp.finfo(dtype).dtype
 
 
+def mu_storage_dtype(
+    param_dtype: jax.typing.DTypeLike, mu_dtype: jax.typing.DTypeLike | None
+) -> jnp.dtype:
+    """The dtype μ is stored in for a parameter of `param_dtype`.
+
+    A complex parameter's μ is complex (a real `mu_dtype` gives the complex
+    dtype of its precision); a real parameter stores a complex `mu_dtype` in
+    its real counterpart (complex64: float32), as ν of a complex parameter is
+    stored in "modulus" mode.
+    """
+    dtype = jnp.dtype(param_dtype if mu_dtype is None else mu_dtype)
+    complex_param = jnp.issubdtype(jnp.dtype(param_dtype), jnp.complexfloating)
+    if complex_param and not jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.dtype(jnp.complex128 if dtype.itemsize > 4 else jnp.complex64)
+    if not complex_param and jnp.issubdtype(dtype, jnp.complexfloating):
+        return real_dtype(dtype)
+    return dtype
+
+
 def nu_storage_dtype(
     param_dtype: jax.typing.DTypeLike,
     nu_dtype: jax.typing.DTypeLike | None,

@@ -22,6 +22,7 @@ from adamax_jax._core import (
     adamax_leaf,
     bias_corrections,
     compute_dtype,
+    mu_storage_dtype,
     nu_storage_dtype,
     real_dtype,
 )
@@ -249,6 +250,65 @@ def _float_gradient(g: Any, like: Any, path: str) -> jax.Array:
     )
 
 
+def _check_complex_gradient(g: Any, g_name: str, m: Any, m_name: str) -> None:
+    """Refuses a complex gradient `g` whose first moment `m` is real (a real parameter's).
+
+    μ would keep the gradient's real part and ν its modulus, and the step would
+    be neither that of the real part nor a complex one (``optax.adamax`` returns
+    a complex update there).
+
+    Raises:
+        TypeError: If `g` is complex and `m` is real, naming both.
+    """
+    if jnp.iscomplexobj(g) and not jnp.iscomplexobj(_codecs.stored_values(m)):
+        raise TypeError(
+            f"{g_name} is {jnp.dtype(g.dtype)}, but the moments of its parameter are real "
+            f"({m_name} is {_codecs.storage_dtype(m)}): a complex gradient needs a complex "
+            "parameter."
+        )
+
+
+def _like(p: Any, g: jax.Array) -> jnp.dtype:
+    """The parameter's dtype, or (without parameters) the gradient's."""
+    return jnp.dtype((g if p is None else p).dtype)
+
+
+def _check_not_narrowed(x: Any, role: Role, where: str, expected: jnp.dtype) -> None:
+    """Refuses a plain or scaled moment in a narrower dtype than the optimizer stores it in.
+
+    A cast to a wider float keeps every value (the state goes on, in the
+    dtypes it was given); a narrower one loses them: a bfloat16 moment of
+    1e5 cast to float16 reads inf, and a finite gradient then steps NaN.
+    8-bit codes are checked by :func:`adamax_jax._codecs.check_moment`; where
+    the optimizer stores 8 bits, a leaf too small for blocks holds float32.
+
+    Raises:
+        ValueError: If the moment's dtype does not hold every value of `expected`.
+    """
+    if _codecs.first_blockwise(x) is not None:
+        return
+    if expected in _codecs.EIGHT_BIT:
+        expected = jnp.dtype(jnp.float32)
+    actual = _codecs.storage_dtype(x)
+    wide, narrow = jnp.finfo(actual), jnp.finfo(expected)
+    holds = (
+        (
+            jnp.issubdtype(actual, jnp.complexfloating)
+            or not jnp.issubdtype(expected, jnp.complexfloating)
+        )
+        and wide.nmant >= narrow.nmant
+        and wide.maxexp >= narrow.maxexp
+        and wide.minexp <= narrow.minexp
+    )
+    if not holds:
+        raise ValueError(
+            f"`state.{role}{where}` is {actual}, but this optimizer stores it in {expected}: "
+            f"a cast narrowed it, and values past {actual}'s range or precision are lost. "
+            "Cast the state back, or convert it with "
+            "`adamax_jax.convert_state(state, opt, params)`."
+        )
+
+
 def _scale_by_adamax(
     b1: Any,
     b2: Any,
@@ -288,15 +348,7 @@ def _scale_by_adamax(
         _validation.check_storage_dtypes(params, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
         def mu_leaf(p):
-            dtype = jnp.dtype(p.dtype) if mu_dtype is None else jnp.dtype(mu_dtype)
-            complex_param = jnp.issubdtype(p.dtype, jnp.complexfloating)
-            if complex_param and not jnp.issubdtype(dtype, jnp.complexfloating):
-                dtype = jnp.dtype(jnp.complex128 if dtype.itemsize > 4 else jnp.complex64)
-            elif not complex_param and jnp.issubdtype(dtype, jnp.complexfloating):
-                # A mixed tree: a real leaf stores a complex `mu_dtype` in its real
-                # counterpart, as ν is stored for a complex leaf in "modulus" mode.
-                dtype = real_dtype(dtype)
-            return _codecs.init_moment(p, dtype, "mu", block_size)
+            return _codecs.init_moment(p, mu_storage_dtype(p.dtype, mu_dtype), "mu", block_size)
 
         def nu_leaf(p):
             dtype = nu_storage_dtype(p.dtype, nu_dtype, complex_mode)
@@ -369,6 +421,13 @@ def _scale_by_adamax(
                 return None, None, None
             where = jax.tree_util.keystr(path)
             g = _float_gradient(g, p, where)
+            _check_complex_gradient(g, f"`updates`{where}", m, f"`state.mu{where}`")
+            if p is not None or mu_dtype is not None:
+                _check_not_narrowed(m, "mu", where, mu_storage_dtype(_like(p, g), mu_dtype))
+            if p is not None or nu_dtype is not None:
+                _check_not_narrowed(
+                    v, "nu", where, nu_storage_dtype(_like(p, g), nu_dtype, complex_mode)
+                )
             rdt = real_dtype(compute_dtype(g.dtype))
             if rdt not in corrections:
                 corrections[rdt] = bias_corrections(b1, t, rdt, nesterov)
@@ -1263,6 +1322,11 @@ def adamax_step(
                 "decays (β₂ u rounds back to u). Keep `u` in float32 or wider, or use "
                 "`scale_by_adamax(nu_dtype=...)`, which stores it scaled."
             )
+    for (path, g_), m_ in zip(
+        jax.tree_util.tree_flatten_with_path(grad)[0], jax.tree.leaves(m), strict=True
+    ):
+        where = jax.tree_util.keystr(path)
+        _check_complex_gradient(jnp.asarray(g_), f"`grad`{where}", jnp.asarray(m_), f"`m{where}`")
     count = jnp.asarray(count, jnp.int32)
     guard = _guard_zero_denominator(eps, eps_mode)
 

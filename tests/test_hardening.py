@@ -90,6 +90,43 @@ def test_a_float32_cast_state_runs_in_a_scan():
     assert int(final[0].count) == 8
 
 
+@pytest.mark.parametrize("narrow", [F16, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_state_cast_to_a_narrower_float_is_refused(narrow, jit):
+    # bfloat16 moments of 1e6 cast to float16 read inf, and a finite gradient then stepped NaN.
+    params = {"w": jnp.zeros((4, 8))}
+    opt = ax.adamax(1e-2, mu_dtype=BF16, nu_dtype=BF16)
+    g = {"w": jnp.full((4, 8), 1e6)}
+    _, state = opt.update(g, opt.init(params), params)
+    inner = ax.adamax_state(state)
+    update = jax.jit(opt.update) if jit else opt.update
+    narrowed_nu = (inner._replace(nu=optax.tree.cast(inner.nu, narrow)), *state[1:])
+    with pytest.raises(ValueError, match=rf"`state\.nu\['w'\]` is {jnp.dtype(narrow).name}, but"):
+        update(g, narrowed_nu, params)
+    narrowed_mu = (inner._replace(mu=optax.tree.cast(inner.mu, narrow)), *state[1:])
+    message = r"`state\.mu\['w'\]` is (float16, but this optimizer stores it in bfloat16|a plain)"
+    with pytest.raises(ValueError, match=message):
+        update(g, narrowed_mu, params)
+    # Without parameters the optimizer's own storage dtypes say what was narrowed.
+    with pytest.raises(ValueError, match=r"`state\.nu\['w'\]`"):
+        update(g, narrowed_nu)
+
+
+def test_a_state_of_narrower_parameters_is_refused_where_the_parameters_say_so():
+    # mu_dtype=None stores the moments in the parameters' dtype: float32 parameters read a
+    # float16 μ as narrowed; without parameters there is nothing to compare with.
+    params = {"w": jnp.zeros(3, F32)}
+    opt = ax.adamax(1e-2)
+    state = opt.init(params)
+    inner = ax.adamax_state(state)
+    narrowed = (inner._replace(mu=optax.tree.cast(inner.mu, F16)), *state[1:])
+    g = {"w": jnp.ones(3, F32)}
+    with pytest.raises(ValueError, match=r"`state\.mu\['w'\]` is float16, but .* float32"):
+        opt.update(g, narrowed, params)
+    updates, _ = opt.update({"w": jnp.ones(3, F16)}, narrowed)
+    np.testing.assert_allclose(np.asarray(updates["w"], np.float32), -1e-2, rtol=1e-3)
+
+
 def test_codes_cast_to_integers_are_refused():
     opt = ax.adamax(0.01, nu_dtype=BF16)
     params = {"w": jnp.zeros(3)}
@@ -255,6 +292,44 @@ def test_boolean_gradients_are_refused_with_their_path():
     opt = ax.scale_by_adamax()
     with pytest.raises(TypeError, match=r"`updates`\['w'\] has dtype bool"):
         opt.update({"w": jnp.array([True, False])}, opt.init(params), params)
+
+
+@pytest.mark.parametrize("storage", [F32, BF16, F16, jnp.int8])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_complex_gradient_of_a_real_parameter_is_refused_with_its_path(storage, jit):
+    # μ would keep the real part and ν the modulus: the step for 3+4j was 0.6.
+    params = {"w": jnp.zeros(4096)}
+    opt = ax.adamax(1.0, mu_dtype=storage)
+    update = jax.jit(opt.update) if jit else opt.update
+    grads = {"w": jnp.full(4096, 3 + 4j, jnp.complex64)}
+    with pytest.raises(TypeError, match=r"`updates`\['w'\] is complex64.*`state\.mu\['w'\]`"):
+        update(grads, opt.init(params), params)
+    with pytest.raises(TypeError, match=r"`grad`\['w'\] is complex64.*`m\['w'\]` is float32"):
+        ax.adamax_step(params, grads, {"w": jnp.zeros(4096)}, {"w": jnp.zeros(4096)}, 1)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_a_scalar_scale_on_mu_is_refused_with_its_path(dtype):
+    # Only a 16-bit ν is scaled; a μ read through a scale of 1000 stepped 473 times too far.
+    params = {"w": jnp.ones((8, 1000))}
+    opt = ax.adamax(1e-2, mu_dtype=dtype, nu_dtype=dtype)
+    g = {"w": jnp.full((8, 1000), 0.5)}
+    _, state = opt.update(g, opt.init(params), params)
+    inner = ax.adamax_state(state)
+    bad = (inner._replace(mu_scale={"w": jnp.asarray(1000.0, F32)}), *state[1:])
+    message = r"`state\.mu_scale\['w'\]` is a scalar scale, but a μ"
+    with pytest.raises(ValueError, match=message):
+        opt.update(g, bad, params)
+    with pytest.raises(ValueError, match=message):
+        jax.jit(opt.update)(g, bad, params)
+    with pytest.raises(ValueError, match=message):
+        ax.first_moment(bad)
+    # The moments swapped (μ in ν's place with ν's scale, and back) are refused too.
+    swapped = inner._replace(
+        mu=inner.nu, nu=inner.mu, mu_scale=inner.nu_scale, nu_scale=inner.mu_scale
+    )
+    with pytest.raises(ValueError, match=r"`state\.mu_scale\['w'\]` is a scalar scale"):
+        opt.update(g, (swapped, *state[1:]), params)
 
 
 @pytest.mark.parametrize("alias", ALIASES)
