@@ -168,8 +168,10 @@ def scale_by_adamax(
     each step: a code carried over reads back exactly decayed, and changes only
     when a gradient exceeds it; the scale grows by a power of two when one
     does not fit. ν rounds up, so that it never reads back below ``|g|`` (+ ε
-    inside the max) nor below the decayed value it holds, and the step bound
-    ``α (1 - β₁) / (1 - β₁/β₂)`` holds as with 32-bit state. μ takes the least
+    inside the max) nor below the decayed value it holds: with a float32 μ the
+    step bound ``α (1 - β₁) / (1 - β₁/β₂)`` holds as with 32-bit state, and an
+    8-bit μ exceeds it by its rounding (up to 2-3× for one step where a block's
+    values span orders of magnitude; right on average). μ takes the least
     power-of-two scale that holds a bound on its block's values,
     ``(1 - β₁) max|g| + β₁ max|m|``, and rounds stochastically (unbiased, a
     deterministic draw). A value below the map's range rounds to nearest, 0
@@ -398,6 +400,13 @@ def _scale_by_adamax(
             raise ValueError(
                 f"`state.count` is {count_dtype}, which cannot count the steps exactly: a cast "
                 "changed it. Cast it back to int32, or convert the state with "
+                "`adamax_jax.convert_state(state, opt, params)`."
+            )
+        if not _validation.is_traced(count_in) and bool(np.any(np.asarray(count_in) < 0)):
+            # 1 - β₁ᵗ < 0 for t < 0: every step would change sign and exceed the bound.
+            raise ValueError(
+                f"`state.count` is {np.asarray(count_in)}: a step count is never negative "
+                "(a corrupted state?). Restore the state, or convert one with "
                 "`adamax_jax.convert_state(state, opt, params)`."
             )
         count = jnp.asarray(optax.safe_increment(count_in))

@@ -515,7 +515,11 @@ def check_block_shards(
     if not bad:
         return
     common = math.gcd(*widths) if widths else 0
-    fits = max((d for d in range(least, min(common, block_size) + 1) if common % d == 0), default=0)
+    # The largest divisor no larger than the block size asked for, or else the least
+    # larger one (shards of 125 with blocks of 100 take blocks of 125).
+    divisors = [d for d in range(least, common + 1) if common % d == 0]
+    smaller = [d for d in divisors if d <= block_size]
+    fits = max(smaller) if smaller else min(divisors, default=0)
     if fits and uneven == 0:
         hint = f"A `block_size` of {fits} divides the shards of every split leaf; choose it, "
     else:

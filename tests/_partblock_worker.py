@@ -216,11 +216,23 @@ def sharded(name, mode, names, kinds, zero1=False):
             )
         else:
             step = jax.jit(step_fn(opt))
-        out = {}
+        out, moved = {}, set()
         for kind in kinds:
             put = lambda g: jax.tree.map(jax.device_put, g, param_sh)  # noqa: E731
-            out[kind] = observed(*run_steps(step, params, state, host_grads(shapes, kind), put))
-    return out, refused
+            new = run_steps(step, params, state, host_grads(shapes, kind), put)
+            moved |= relaid(new, (params, state))
+            out[kind] = observed(*new)
+    return out, refused, sorted(moved)
+
+
+def relaid(new, old):
+    """The key paths of the arrays of `new` laid out otherwise than in `old` (same tree)."""
+    moved = set()
+    flat_new = jax.tree_util.tree_flatten_with_path(new)[0]
+    for (path, a), b in zip(flat_new, jax.tree.leaves(old), strict=True):
+        if not a.sharding.is_equivalent_to(b.sharding, a.ndim):
+            moved.add(jax.tree_util.keystr(path))
+    return moved
 
 
 MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
@@ -257,10 +269,16 @@ def main(out_dir: str) -> None:
     for name in DTYPES:
         for run_name, (mode, zero1, every) in RUNS.items():
             names = tuple(k for k in every if name not in FEWER or k in SOME)
-            record = {"leaves": list(names), "refused": {}, "error": None, "trained": []}
+            record = {
+                "leaves": list(names),
+                "refused": {},
+                "error": None,
+                "trained": [],
+                "relaid": [],
+            }
             results[f"{name}/{run_name}"] = record
             try:
-                out, refused = sharded(name, MODES[mode], names, KINDS, zero1)
+                out, refused, record["relaid"] = sharded(name, MODES[mode], names, KINDS, zero1)
             except Exception as e:  # noqa: BLE001 -- reported to the test, which fails on it
                 record["error"] = f"{type(e).__name__}: {e}"
                 continue

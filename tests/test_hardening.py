@@ -127,6 +127,16 @@ def test_a_state_of_narrower_parameters_is_refused_where_the_parameters_say_so()
     np.testing.assert_allclose(np.asarray(updates["w"], np.float32), -1e-2, rtol=1e-3)
 
 
+def test_a_negative_count_is_refused_eagerly():
+    # 1 - β₁ᵗ < 0 for t < 0: a count of -5 stepped against the gradient, past the bound.
+    params = {"w": jnp.zeros(3)}
+    opt = ax.adamax(1e-2, mu_dtype=jnp.int8)
+    state = opt.init(params)
+    bad = (ax.adamax_state(state)._replace(count=jnp.asarray(-5, jnp.int32)), *state[1:])
+    with pytest.raises(ValueError, match=r"`state\.count` is -5: a step count is never negative"):
+        opt.update({"w": jnp.ones(3)}, bad, params)
+
+
 def test_codes_cast_to_integers_are_refused():
     opt = ax.adamax(0.01, nu_dtype=BF16)
     params = {"w": jnp.zeros(3)}

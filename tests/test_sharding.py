@@ -521,7 +521,20 @@ def test_split_block_refusal_names_one_block_size_for_every_split_leaf():
 def test_split_block_refusal_names_no_block_size_below_the_least_block():
     message = _refusal({"w": _abstract((16, 1028), P(None, "model"))})  # shards of 257
     assert "4 shards of 257" in message
-    assert "No `block_size` of at least 32" in message and "of 1 " not in message
+    # 257 is prime: no block of 32 to 256 values fits, and one of 257 (the shard) does.
+    assert "A `block_size` of 257 divides the shards" in message and "of 1 " not in message
+    message = _refusal({"w": _abstract((16, 1032), P(None, "model"))})  # shards of 258
+    assert "A `block_size` of 129 divides the shards" in message
+
+
+def test_split_block_refusal_names_a_larger_block_size_where_no_smaller_one_fits():
+    # Shards of 125 values with blocks of 100: 125 fits (a message once said none did).
+    message = _refusal({"w": _abstract((16, 500), P(None, "model"))}, block_size=100)
+    assert "4 shards of 125" in message
+    assert "A `block_size` of 125 divides the shards of every split leaf" in message
+    opt = ax.adamax(0.1, mu_dtype=jnp.int8, nu_dtype=jnp.uint8, block_size=125)
+    state = jax.eval_shape(opt.init, {"w": _abstract((16, 500), P(None, "model"))})
+    assert state[0].mu_scale["w"].shape == (16, 4)
 
 
 def test_split_block_refusal_reports_uneven_shards_as_such():

@@ -122,6 +122,16 @@ def test_auto_axes_place_every_8_bit_layout_and_explicit_axes_refuse_cut_blocks(
 
 
 @pytest.mark.parametrize("dtype", worker.DTYPES)
+@pytest.mark.parametrize("run", worker.RUNS)
+def test_steps_keep_the_parameters_and_the_state_where_they_were(runs, dtype, run):
+    # A step's outputs are laid out as its inputs: the parameters, and every array of
+    # the state, scales included, on every layout of these leaves.
+    record = _record(runs, dtype, run)
+    assert record["trained"], record
+    assert record["relaid"] == [], record["relaid"]
+
+
+@pytest.mark.parametrize("dtype", worker.DTYPES)
 def test_zero1_on_explicit_axes_refuses_what_the_parameters_layout_refuses(runs, dtype):
     # ZeRO-1 splits the state further than the parameters: it may refuse more, never less.
     record = _record(runs, dtype, "explicit-zero1")
