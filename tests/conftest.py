@@ -2,11 +2,14 @@
 
 Also: the long worker subprocesses start with the session (tests/background.py),
 hypothesis keeps no example database (nothing is written into the
-repository), under ``CI=true`` a run with any skipped test fails, and the
-documentation site is built at most once a session, in the background (``docs_build``).
+repository), compiled programs are cached for the session, under ``CI=true``
+a run with any skipped test fails, and the documentation site is built at
+most once a session, in the background (``docs_build``).
 """
 
 import os
+import shutil
+import tempfile
 
 import hypothesis
 import jax
@@ -16,6 +19,16 @@ from tests import background
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Many tests build the same step again (a new optimizer each time, the same
+# program): JAX's compilation cache, kept for this session only in a fresh
+# folder, hands back the compiled program instead of compiling it again. Every
+# compile is kept, however short, since short ones are most of the suite's.
+# Subprocesses (the workers, the benchmark) do not share it.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="adamax-jax-tests-")
+jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # No `.hypothesis/` directory in the checkout: the examples that matter are pinned
 # in the tests (`derandomize`, `@example`), and a database would make a run depend
@@ -70,6 +83,7 @@ def pytest_sessionfinish(session, exitstatus):
     (``-ra`` lists each with its reason).
     """
     background.stop()
+    shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
     if not _ci() or exitstatus != pytest.ExitCode.OK:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
