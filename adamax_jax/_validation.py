@@ -517,7 +517,9 @@ def check_block_shards(
     common = math.gcd(*widths) if widths else 0
     # The largest divisor no larger than the block size asked for, or else the least
     # larger one (shards of 125 with blocks of 100 take blocks of 125).
-    divisors = [d for d in range(least, common + 1) if common % d == 0]
+    # Divisors in pairs up to the square root: a shard may hold billions of values.
+    pairs = [(d, common // d) for d in range(1, math.isqrt(common) + 1) if common % d == 0]
+    divisors = sorted({d for pair in pairs for d in pair if d >= least})
     smaller = [d for d in divisors if d <= block_size]
     fits = max(smaller) if smaller else min(divisors, default=0)
     if fits and uneven == 0:

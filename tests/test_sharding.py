@@ -537,6 +537,13 @@ def test_split_block_refusal_names_a_larger_block_size_where_no_smaller_one_fits
     assert state[0].mu_scale["w"].shape == (16, 4)
 
 
+def test_split_block_refusal_finds_the_block_size_of_a_huge_shard_quickly():
+    # Shards of 999,999,937 values (a prime): the divisors are found up to the square root,
+    # not by trying every number up to the shard's size.
+    message = _refusal({"w": _abstract((1, 4 * 999_999_937), P(None, "model"))})
+    assert "A `block_size` of 999999937 divides the shards" in message
+
+
 def test_split_block_refusal_reports_uneven_shards_as_such():
     message = _refusal({"w": _abstract((8, 1028), P(None, ("data", "model")))})
     assert "8 uneven shards" in message and "divides the shards" not in message
