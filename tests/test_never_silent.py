@@ -135,6 +135,40 @@ def test_a_non_finite_gradient_gives_a_non_finite_update_then_and_later(how, con
             assert np.all(np.isfinite(updates[0, 256:]))
 
 
+# A last axis that ends in a part block (300 values: a block of 256 and one of 44) is
+# reduced in windows, not as blocks; 16 rows are past the size where XLA's CPU backend
+# reduces windows in a way that drops a NaN from a max.
+PART_BLOCK_SHAPE = (16, 300)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("config", ["int8-uint8", "e4m3", "e5m2", "int8-f32", "f32-uint8"], ids=str)
+def test_a_non_finite_gradient_in_a_part_block_leaf_stays_visible(config, jit, bad):
+    storage = {
+        **STORAGE,
+        "int8-f32": {"mu_dtype": jnp.int8},
+        "f32-uint8": {"nu_dtype": jnp.uint8},
+    }[config]
+    opt = ax.adamax(1e-3, **storage)
+    params = jnp.ones(PART_BLOCK_SHAPE)
+    state = opt.init(params)
+    update = jax.jit(opt.update) if jit else opt.update
+    for step in range(3):
+        grads = jnp.ones(PART_BLOCK_SHAPE)
+        if step == 0:
+            grads = grads.at[0, 5].set(bad)
+        updates, state = update(grads, state, params)
+        assert np.isnan(updates[0, 5]), (step, float(updates[0, 5]))
+        # The other block of that row (the part block) and the other rows stay finite.
+        assert np.all(np.isfinite(updates[0, 256:])), step
+        assert np.all(np.isfinite(updates[1:])), step
+    # The state holds it too: the moment of that element reads non-finite.
+    assert not np.isfinite(ax.first_moment(state)[0, 5]) or not np.isfinite(
+        ax.infinity_norm(state)[0, 5]
+    )
+
+
 @pytest.mark.parametrize("config", STORAGE)
 def test_apply_if_finite_skips_the_step_and_trains_on(config):
     opt = optax.apply_if_finite(ax.adamax(1e-3, **STORAGE[config]), max_consecutive_errors=5)
