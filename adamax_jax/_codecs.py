@@ -1083,7 +1083,7 @@ def _block_maxima(
     """The largest value of each block of each array of `operands`, or 0 where that is larger.
 
     With ``combine=lax.min``, the least value, or 0 where that is smaller;
-    with ``combine=lax.add``, the sum.
+    other combinations as `combine` reduces.
 
     The arrays are laid out as the block-wise moment `layout` is: as blocks
     (reduced along the last axis), or as the leaf (reduced in windows of the
@@ -1153,11 +1153,13 @@ def block_peaks(x: jax.Array, layout: Any) -> jax.Array:
     least = _block_maxima((x,), layout, lax.min)[0]
     # XLA's CPU backend drops a NaN from a windowed max or min over more than a few
     # thousand values (a NaN gradient in a (16, 300) leaf left its block's scale
-    # finite, and the state lost it). A window's sum keeps it, and finite values
-    # sum to a finite value or to ±inf, never to NaN. (A NaN-carrying max instead
-    # took the step on the transformer-like tree's leaves from 24 ms to 52 ms.)
-    total = _block_maxima((x,), layout, lax.add)[0]
-    return jnp.where(jnp.isnan(total), total, jnp.maximum(largest, -least))
+    # finite, and the state lost it). A third reduction carries it: ``a + 0 b`` is
+    # one of the values for finite ones, never an overflow (a plain sum of ±1e37
+    # overflowed to inf - inf = NaN in XLA's partial sums), and NaN once any value
+    # is non-finite. It cost 11.1 ms -> 13.0 ms on an int8 step over leaves of
+    # (8192, 384) and (1536, 384); NaN-carrying max and min reducers, 24 -> 52 ms.
+    carried = _block_maxima((x,), layout, lambda a, b: a + b * 0)[0]
+    return jnp.where(jnp.isnan(carried), carried, jnp.maximum(largest, -least))
 
 
 def _code_magnitudes(codes: jax.Array) -> jax.Array:
