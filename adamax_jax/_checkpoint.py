@@ -4,6 +4,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Sharding
 
@@ -206,7 +207,8 @@ def check_state(opt: optax.GradientTransformation, params: Any, state: Any) -> N
     Raises:
         ValueError: If `state` does not match ``opt.init(params)``; the message
             lists every key path that is missing, extra, or of another dtype
-            or shape.
+            or shape. And where they match, if a scale of a restored state
+            (not metadata) is negative or +inf, values no step writes.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -229,5 +231,34 @@ def check_state(opt: optax.GradientTransformation, params: Any, state: Any) -> N
         x for x in _differences(expected, state, "`state`") if "block_size:" not in x or not blocks
     ]
     lines += blocks
+    if not lines:
+        lines = _scale_differences(expected, state)
     if lines:
         raise ValueError("`state` is not a state of `opt` for `params`:\n" + "\n".join(lines))
+
+
+def _scale_differences(expected: Any, found: Any) -> list[str]:
+    """Where a scale of `found` holds a value no step writes: negative, or +inf.
+
+    A scale is positive and finite, 0 for an 8-bit ν block that holds nothing
+    yet, or NaN for a block that took a non-finite gradient (which stays
+    visible). An infinite ν scale would read back as the largest finite value
+    and freeze its parameters; a negative one would flip the sign of what it
+    holds. Checked where the scales are values (a restored state), not where
+    they are metadata.
+    """
+    want = _by_key(expected)
+    lines = []
+    for key, (path, leaf) in _by_key(found).items():
+        if key not in want or not any(k in ("mu_scale", "nu_scale") for k in key):
+            continue
+        if not isinstance(leaf, (jax.Array, np.ndarray)) or isinstance(leaf, jax.core.Tracer):
+            continue
+        values = np.asarray(leaf, np.float32)
+        bad = int(np.sum((values < 0) | np.isposinf(values)))
+        if bad:
+            lines.append(
+                f"  {path}: {bad} of {values.size} scales negative or infinite; a scale "
+                "no step writes (a state changed by hand?)"
+            )
+    return lines

@@ -173,3 +173,50 @@ def test_resume_is_bit_identical(name, k, tmp_path):
     chex.assert_trees_all_equal(resumed, straight)
     chex.assert_trees_all_equal_dtypes(resumed, straight)
     assert int(_inner(resumed[1]).count) == steps
+
+
+SCALED_STATES = {
+    "int8-uint8": {"mu_dtype": jnp.int8, "nu_dtype": jnp.uint8},
+    "bf16": {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16},
+}
+
+
+def _with_scale(state, field, change):
+    inner = state[0]
+    return (inner._replace(**{field: jax.tree.map(change, getattr(inner, field))}), *state[1:])
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "change"),
+    [
+        ("int8-uint8", "mu_scale", lambda s: -s),
+        ("int8-uint8", "nu_scale", lambda s: s * np.inf),
+        ("int8-uint8", "nu_scale", lambda s: -s),
+        ("bf16", "nu_scale", lambda s: s * np.inf),
+        ("bf16", "nu_scale", lambda s: -s),
+    ],
+    ids=["int8-mu-negated", "uint8-nu-inf", "uint8-nu-negated", "bf16-nu-inf", "bf16-nu-negated"],
+)
+def test_check_state_refuses_scales_no_step_writes(config, field, change):
+    # An infinite ν scale reads back as the largest finite value and freezes its
+    # parameters; a negative one flips what it holds: a state changed by hand.
+    opt = ax.adamax(1e-3, **SCALED_STATES[config])
+    params = {"w": jnp.zeros((16, 512))}
+    state = opt.update({"w": jnp.ones((16, 512))}, opt.init(params), params)[1]
+    ax.check_state(opt, params, state)
+    with pytest.raises(ValueError, match=rf"\[0\]\.{field}\['w'\]: \d+ of \d+ scales negative"):
+        ax.check_state(opt, params, _with_scale(state, field, change))
+
+
+@pytest.mark.parametrize("config", list(SCALED_STATES))
+def test_check_state_accepts_the_scales_steps_write(config):
+    # 0 (an 8-bit ν block that holds nothing yet, as `init` writes it) and NaN (a block
+    # that took a non-finite gradient, kept visible) are written by steps.
+    opt = ax.adamax(1e-3, **SCALED_STATES[config])
+    params = {"w": jnp.zeros((16, 512))}
+    ax.check_state(opt, params, opt.init(params))
+    state = opt.update({"w": jnp.full((16, 512), jnp.nan)}, opt.init(params), params)[1]
+    if config == "int8-uint8":
+        # 8-bit codes hold no NaN: the block's scale does.
+        assert np.isnan(np.asarray(state[0].nu_scale["w"])).all()
+    ax.check_state(opt, params, state)
