@@ -9,6 +9,7 @@ import optax
 from jax.sharding import Sharding
 
 from adamax_jax._sharding import init_placement, params_mesh
+from adamax_jax._validation import is_traced
 
 
 def _plain(shapes: Any) -> Any:
@@ -252,7 +253,7 @@ def _scale_differences(expected: Any, found: Any) -> list[str]:
     for key, (path, leaf) in _by_key(found).items():
         if key not in want or not any(k in ("mu_scale", "nu_scale") for k in key):
             continue
-        if not isinstance(leaf, (jax.Array, np.ndarray)) or isinstance(leaf, jax.core.Tracer):
+        if not isinstance(leaf, (jax.Array, np.ndarray)) or is_traced(leaf):
             continue
         values = np.asarray(leaf, np.float32)
         bad = int(np.sum((values < 0) | np.isposinf(values)))
