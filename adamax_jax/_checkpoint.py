@@ -209,7 +209,8 @@ def check_state(opt: optax.GradientTransformation, params: Any, state: Any) -> N
         ValueError: If `state` does not match ``opt.init(params)``; the message
             lists every key path that is missing, extra, or of another dtype
             or shape. And where they match, if a scale of a restored state
-            (not metadata) is negative or +inf, values no step writes.
+            (not metadata) is negative or above 2^125 (+inf included), values
+            no step writes.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -238,28 +239,52 @@ def check_state(opt: optax.GradientTransformation, params: Any, state: Any) -> N
         raise ValueError("`state` is not a state of `opt` for `params`:\n" + "\n".join(lines))
 
 
-def _scale_differences(expected: Any, found: Any) -> list[str]:
-    """Where a scale of `found` holds a value no step writes: negative, or +inf.
+# The largest scale a step writes: block scales are clipped to 2^125, and a 16-bit
+# ν's scalar scale stays below 2^1.01 (`_codecs.next_scale`).
+_LARGEST_SCALE = 2.0**125
 
-    A scale is positive and finite, 0 for an 8-bit ν block that holds nothing
-    yet, or NaN for a block that took a non-finite gradient (which stays
-    visible). An infinite ν scale would read back as the largest finite value
-    and freeze its parameters; a negative one would flip the sign of what it
-    holds. Checked where the scales are values (a restored state), not where
-    they are metadata.
+
+def _scale_keys(expected: Any) -> list[tuple[str, ...]]:
+    """The key paths of the `mu_scale` and `nu_scale` fields of each AdaMax state in `expected`."""
+
+    def is_adamax_state(x: Any) -> bool:
+        return "mu_scale" in getattr(x, "_fields", ())
+
+    flat = jax.tree_util.tree_flatten_with_path(expected, is_leaf=is_adamax_state)[0]
+    prefixes = [tuple(_key(e) for e in path) for path, x in flat if is_adamax_state(x)]
+    return [p + (field,) for p in prefixes for field in ("mu_scale", "nu_scale")]
+
+
+def _host_values(leaf: Any) -> list[np.ndarray]:
+    """The values of `leaf` this process holds (its own shards of a multi-process array)."""
+    if isinstance(leaf, jax.Array):
+        return [np.asarray(shard.data, np.float32) for shard in leaf.addressable_shards]
+    return [np.asarray(leaf, np.float32)]
+
+
+def _scale_differences(expected: Any, found: Any) -> list[str]:
+    """Where a scale of `found` holds a value no step writes: negative, or above 2^125.
+
+    A scale is positive and at most 2^125, 0 for an 8-bit ν block that holds
+    nothing yet, or NaN for a block that took a non-finite gradient (which
+    stays visible). A larger ν scale (+inf included) reads back as the largest
+    finite value or freezes its parameters; a negative one flips the sign of
+    what it holds. Checked where the scales are values (a restored state, in
+    the shards this process holds), not where they are metadata.
     """
-    want = _by_key(expected)
+    scales = _scale_keys(expected)
     lines = []
     for key, (path, leaf) in _by_key(found).items():
-        if key not in want or not any(k in ("mu_scale", "nu_scale") for k in key):
+        if not any(key[: len(s)] == s for s in scales):
             continue
-        if not isinstance(leaf, (jax.Array, np.ndarray)) or is_traced(leaf):
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or is_traced(leaf):
             continue
-        values = np.asarray(leaf, np.float32)
-        bad = int(np.sum((values < 0) | np.isposinf(values)))
+        values = _host_values(leaf)
+        bad = sum(int(np.sum((v < 0) | (v > _LARGEST_SCALE))) for v in values)
         if bad:
+            held = sum(v.size for v in values)
             lines.append(
-                f"  {path}: {bad} of {values.size} scales negative or infinite; a scale "
-                "no step writes (a state changed by hand?)"
+                f"  {path}: {bad} of {held} scales negative or above 2^125 (infinite "
+                "included); a scale no step writes (a state changed by hand?)"
             )
     return lines

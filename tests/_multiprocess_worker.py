@@ -179,11 +179,36 @@ def train_distributed(process_id: int, port: int, out: Path, die_after_init: boo
         for key, leaf in tree.items()
     }
     layout["process_count"] = jax.process_count()
+    layout["check_state_of_split_scales"] = check_split_scales(mesh, global_array)
     # Replicated parameters: every process holds the whole of each.
     final = {k: np.asarray(v.addressable_data(0)) for k, v in params.items()}
     np.savez(out / f"process_{process_id}.npz", **final)
     (out / f"process_{process_id}.json").write_text(json.dumps(layout))
     jax.distributed.shutdown()
+
+
+def check_split_scales(mesh, global_array) -> bool:
+    """`check_state` on an 8-bit state whose block scales are split over the processes.
+
+    Each process holds only its own shards of them, as after a restore; the
+    check reads those and must not fetch the others (it raised before).
+    Returns whether the scales were split (and the check passed: else it raises).
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import adamax_jax as ax
+
+    opt = ax.adamax(LEARNING_RATE, mu_dtype=jnp.int8, nu_dtype=jnp.uint8)
+    rows = NamedSharding(mesh, P("data"))
+    params = {"w": global_array(np.zeros((jax.device_count(), 4096), np.float32), rows)}
+    state = jax.jit(opt.init)(params)
+    grads = {"w": global_array(np.ones((jax.device_count(), 4096), np.float32), rows)}
+    state = jax.jit(opt.update)(grads, state, params)[1]
+    ax.check_state(opt, params, state)
+    return not state[0].nu_scale["w"].is_fully_addressable
 
 
 def main(argv=None) -> None:

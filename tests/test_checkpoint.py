@@ -204,7 +204,9 @@ def test_check_state_refuses_scales_no_step_writes(config, field, change):
     params = {"w": jnp.zeros((16, 512))}
     state = opt.update({"w": jnp.ones((16, 512))}, opt.init(params), params)[1]
     ax.check_state(opt, params, state)
-    with pytest.raises(ValueError, match=rf"\[0\]\.{field}\['w'\]: \d+ of \d+ scales negative"):
+    with pytest.raises(
+        ValueError, match=rf"\[0\]\.{field}\['w'\]: \d+ of \d+ scales negative or above"
+    ):
         ax.check_state(opt, params, _with_scale(state, field, change))
 
 
@@ -220,3 +222,34 @@ def test_check_state_accepts_the_scales_steps_write(config):
         # 8-bit codes hold no NaN: the block's scale does.
         assert np.isnan(np.asarray(state[0].nu_scale["w"])).all()
     ax.check_state(opt, params, state)
+
+
+@pytest.mark.parametrize("config", [{}, *SCALED_STATES.values()], ids=["float32", *SCALED_STATES])
+def test_check_state_takes_parameters_named_like_scales_as_moments(config):
+    # Only the state's own `mu_scale`/`nu_scale` fields are scales: a parameter of that
+    # name has moments, negative or infinite as its gradients make them.
+    opt = ax.adamax(1e-3, **config)
+    params = {"mu_scale": jnp.zeros(3), "nu_scale": jnp.zeros(3)}
+    grads = {"mu_scale": -jnp.ones(3), "nu_scale": jnp.full(3, jnp.inf)}
+    state = opt.update(grads, opt.init(params), params)[1]
+    assert np.all(np.asarray(ax.first_moment(state)["mu_scale"]) < 0)
+    ax.check_state(opt, params, state)
+
+
+@pytest.mark.parametrize("scale", [2.0**126, float(jnp.finfo(jnp.float32).max)])
+def test_check_state_refuses_a_finite_scale_above_what_steps_write(scale):
+    # A block scale is clipped to 2^125: a larger one froze its parameters (an update of 0).
+    opt = ax.adamax(1e-3, **SCALED_STATES["int8-uint8"])
+    params = {"w": jnp.zeros((16, 512))}
+    state = opt.update({"w": jnp.ones((16, 512))}, opt.init(params), params)[1]
+    with pytest.raises(ValueError, match=r"nu_scale\['w'\]: 32 of 32 scales negative or above"):
+        ax.check_state(opt, params, _with_scale(state, "nu_scale", lambda s: s * 0 + scale))
+
+
+def test_check_state_refuses_a_numpy_scalar_scale_no_step_writes():
+    opt = ax.adamax(1e-3, **SCALED_STATES["bf16"])
+    params = {"w": jnp.zeros((16, 512))}
+    state = opt.init(params)
+    ax.check_state(opt, params, _with_scale(state, "nu_scale", lambda s: np.float32(s)))
+    with pytest.raises(ValueError, match=r"nu_scale\['w'\]: 1 of 1 scales negative or above"):
+        ax.check_state(opt, params, _with_scale(state, "nu_scale", lambda s: np.float32(np.inf)))

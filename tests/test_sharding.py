@@ -411,6 +411,8 @@ def test_two_processes_train_like_one(tmp_path):
             finals.append(dict(f))
         layout = json.loads((tmp_path / f"process_{i}.json").read_text())
         assert layout.pop("process_count") == 2
+        # check_state read the block scales each process holds, no others.
+        assert layout.pop("check_state_of_split_scales") is True
         for path, leaf in layout.items():
             shards = leaf["local_shard_nbytes"]
             assert len(shards) == _multiprocess_worker.LOCAL_DEVICES, path
