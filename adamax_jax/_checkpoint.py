@@ -8,7 +8,9 @@ import numpy as np
 import optax
 from jax.sharding import Sharding
 
+from adamax_jax._codecs import LARGEST_SCALE
 from adamax_jax._sharding import init_placement, params_mesh
+from adamax_jax._transform import ScaleByAdamaxState
 from adamax_jax._validation import is_traced
 
 
@@ -239,16 +241,11 @@ def check_state(opt: optax.GradientTransformation, params: Any, state: Any) -> N
         raise ValueError("`state` is not a state of `opt` for `params`:\n" + "\n".join(lines))
 
 
-# The largest scale a step writes: block scales are clipped to 2^125, and a 16-bit
-# ν's scalar scale stays below 2^1.01 (`_codecs.next_scale`).
-_LARGEST_SCALE = 2.0**125
-
-
 def _scale_keys(expected: Any) -> list[tuple[str, ...]]:
     """The key paths of the `mu_scale` and `nu_scale` fields of each AdaMax state in `expected`."""
 
     def is_adamax_state(x: Any) -> bool:
-        return "mu_scale" in getattr(x, "_fields", ())
+        return isinstance(x, ScaleByAdamaxState)
 
     flat = jax.tree_util.tree_flatten_with_path(expected, is_leaf=is_adamax_state)[0]
     prefixes = [tuple(_key(e) for e in path) for path, x in flat if is_adamax_state(x)]
@@ -280,7 +277,7 @@ def _scale_differences(expected: Any, found: Any) -> list[str]:
         if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or is_traced(leaf):
             continue
         values = _host_values(leaf)
-        bad = sum(int(np.sum((v < 0) | (v > _LARGEST_SCALE))) for v in values)
+        bad = sum(int(np.sum((v < 0) | (v > LARGEST_SCALE))) for v in values)
         if bad:
             held = sum(v.size for v in values)
             lines.append(

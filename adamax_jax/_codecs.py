@@ -970,7 +970,12 @@ def _fit(peak: jax.Array, base: jax.Array, top: float) -> jax.Array:
         base.astype(f32) * _pow2(jnp.clip(half, -126, 127)) * _pow2(jnp.clip(j - half, -126, 127))
     )
     # Both the scale and its reciprocal stay normal numbers.
-    return jnp.clip(scale, f32(2.0**-126), f32(2.0**125))
+    return jnp.clip(scale, f32(2.0**-126), f32(LARGEST_SCALE))
+
+
+# The largest block scale `_fit` gives (its reciprocal stays a normal number); no
+# step writes a larger scale of any codec (a 16-bit ν's stays below 2^1.01).
+LARGEST_SCALE = 2.0**125
 
 
 def _blocked(x: "EncodedMoment") -> bool:
