@@ -171,6 +171,25 @@ def test_a_non_finite_gradient_in_a_part_block_leaf_stays_visible(config, jit, b
     )
 
 
+@pytest.mark.parametrize("factory", [ax.adamaxw, ax.nadamax], ids=["adamaxw", "nadamax"])
+def test_the_aliases_keep_a_part_block_nan_and_huge_finite_gradients_apart(factory):
+    # The same block reduction under every alias: a NaN stays, ±3e38 stays finite.
+    opt = factory(1e-3, **PART_BLOCK_STORAGE["int8-uint8"])
+    params = jnp.ones(PART_BLOCK_SHAPE)
+    update = jax.jit(opt.update)
+    state = opt.init(params)
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], size=PART_BLOCK_SHAPE)
+    huge = jnp.asarray(signs * 3e38, jnp.float32)
+    for grads in (huge, jnp.ones(PART_BLOCK_SHAPE)):
+        updates, state = update(grads, state, params)
+        assert np.all(np.isfinite(updates))
+    for step in range(2):
+        grads = jnp.ones(PART_BLOCK_SHAPE)
+        updates, state = update(grads.at[0, 5].set(jnp.nan) if step == 0 else grads, state, params)
+        assert np.isnan(updates[0, 5]), step
+        assert np.all(np.isfinite(updates[1:])), step
+
+
 @pytest.mark.parametrize("pattern", ["alternating", "random"])
 @pytest.mark.parametrize("magnitude", [1e37, 3e38])
 @pytest.mark.parametrize("config", ["int8-uint8", "e4m3", "e5m2", "int8-f32", "f32-uint8"], ids=str)
