@@ -206,7 +206,8 @@ def scale_by_adamax(
 
     Raises:
         ValueError: For a hyperparameter out of range, uint8 μ, a
-            `block_size` that is not a positive integer, 8-bit storage for
+            `block_size` that is not a positive integer or is given where no
+            moment is stored in 8 bits, 8-bit storage for
             complex parameters (in ``init``), or (in ``update``) a state whose
             structure, shapes or layout does not fit.
         TypeError: For a parameter or gradient leaf that is not a number.

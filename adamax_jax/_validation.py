@@ -380,6 +380,21 @@ def _is_eight_bit(value: Any) -> bool:
     return value is not None and jnp.dtype(value) in _EIGHT_BIT
 
 
+def _dtype_name(value: Any) -> str:
+    try:
+        return "None" if value is None else str(jnp.dtype(value))
+    except TypeError:
+        return repr(value)
+
+
+def _is_eight_bit_name(value: Any) -> bool:
+    """:func:`_is_eight_bit` for an argument not yet checked: False where it names no dtype."""
+    try:
+        return _is_eight_bit(value)
+    except TypeError:
+        return False
+
+
 # The largest block, as in bitsandbytes (whose blocks run from 64 to 4096 values): the
 # state records the block size as the length of a uint8 array, at most 4 KiB.
 MAX_BLOCK_SIZE = 4096
@@ -392,8 +407,9 @@ def check_eight_bit(
 
     Raises:
         ValueError: For uint8 μ (μ has a sign), another 8-bit dtype than int8,
-            uint8, float8_e4m3fn and float8_e5m2, or a `block_size` that is
-            not a positive integer.
+            uint8, float8_e4m3fn and float8_e5m2, a `block_size` that is not a
+            positive integer, or a `block_size` where neither moment is stored
+            in 8 bits (it would be ignored).
     """
     if block_size is None:
         return _check_eight_bit_dtypes(mu_name, mu_dtype, nu_name, nu_dtype)
@@ -411,6 +427,15 @@ def check_eight_bit(
             f"`block_size` must be a positive integer of at most {MAX_BLOCK_SIZE}, got "
             f"{block_size!r}: one float32 scale per 4096 values costs 0.1 % of the codes "
             "already, and the state records the block size in an array of that length."
+        )
+    if not (_is_eight_bit_name(mu_dtype) or _is_eight_bit_name(nu_dtype)):
+        # Only 8-bit storage is cut into blocks; a parameter's own dtype is never
+        # 8-bit storage (STORAGE_DTYPES), so the named dtypes decide.
+        raise ValueError(
+            f"`block_size` ({block_size!r}) is for 8-bit storage, but neither `{mu_name}` "
+            f"({_dtype_name(mu_dtype)}) nor `{nu_name}` ({_dtype_name(nu_dtype)}) is an "
+            "8-bit dtype, so no moment is stored in blocks. Drop `block_size`, or store a "
+            "moment in jnp.int8, jnp.uint8 (ν), jnp.float8_e4m3fn or jnp.float8_e5m2."
         )
     _check_eight_bit_dtypes(mu_name, mu_dtype, nu_name, nu_dtype)
 

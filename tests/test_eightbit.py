@@ -120,6 +120,24 @@ def test_bad_block_size_is_refused(block_size):
         ax.scale_by_adamax(nu_dtype=U8, block_size=block_size)
 
 
+@pytest.mark.parametrize("alias", ALIASES)
+@pytest.mark.parametrize(
+    ("mu_dtype", "nu_dtype"),
+    [(None, None), (jnp.bfloat16, None), (None, jnp.float32), (jnp.float16, jnp.bfloat16)],
+    ids=["defaults", "bf16-mu", "f32-nu", "f16-bf16"],
+)
+def test_a_block_size_without_8_bit_storage_is_refused(alias, mu_dtype, nu_dtype):
+    # No moment would be stored in blocks: the argument would be ignored without a word.
+    with pytest.raises(ValueError, match=r"`block_size` \(128\) is for 8-bit storage"):
+        ALIASES[alias](mu_dtype=mu_dtype, nu_dtype=nu_dtype, block_size=128)
+    with pytest.raises(ValueError, match=r"neither `mu_dtype` .* nor `nu_dtype` .* is an 8-bit"):
+        ax.scale_by_adamax(mu_dtype=mu_dtype, nu_dtype=nu_dtype, block_size=128)
+    # Without it, and with either moment in 8 bits, the same options build.
+    ALIASES[alias](mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    ALIASES[alias](mu_dtype=I8, nu_dtype=nu_dtype, block_size=128)
+    ALIASES[alias](mu_dtype=mu_dtype, nu_dtype=U8, block_size=128)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fnuz, jnp.float8_e4m3b11fnuz])
 def test_other_one_byte_floats_are_refused(dtype):
     with pytest.raises(ValueError, match=r"`nu_dtype` got .*float8.*8-bit storage is"):
