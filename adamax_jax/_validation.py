@@ -413,6 +413,16 @@ def check_eight_bit(
     """
     if block_size is None:
         return _check_eight_bit_dtypes(mu_name, mu_dtype, nu_name, nu_dtype)
+    if not (_is_eight_bit_name(mu_dtype) or _is_eight_bit_name(nu_dtype)):
+        # Checked first: whatever its value, the fix is to drop it. Only 8-bit storage
+        # is cut into blocks, and a parameter's own dtype is never 8-bit storage
+        # (STORAGE_DTYPES), so the named dtypes decide.
+        raise ValueError(
+            f"`block_size` is for 8-bit storage, but neither `{mu_name}` "
+            f"({_dtype_name(mu_dtype)}) nor `{nu_name}` ({_dtype_name(nu_dtype)}) is an "
+            "8-bit dtype, so no moment is stored in blocks. Drop `block_size`, or store a "
+            "moment in jnp.int8, jnp.uint8 (ν), jnp.float8_e4m3fn or jnp.float8_e5m2."
+        )
     if hasattr(block_size, "dtype") and not isinstance(block_size, (int, np.integer)):
         # optax.inject_hyperparams makes every numeric argument a (traced) array.
         raise ValueError(
@@ -427,15 +437,6 @@ def check_eight_bit(
             f"`block_size` must be a positive integer of at most {MAX_BLOCK_SIZE}, got "
             f"{block_size!r}: one float32 scale per 4096 values costs 0.1 % of the codes "
             "already, and the state records the block size in an array of that length."
-        )
-    if not (_is_eight_bit_name(mu_dtype) or _is_eight_bit_name(nu_dtype)):
-        # Only 8-bit storage is cut into blocks; a parameter's own dtype is never
-        # 8-bit storage (STORAGE_DTYPES), so the named dtypes decide.
-        raise ValueError(
-            f"`block_size` ({block_size!r}) is for 8-bit storage, but neither `{mu_name}` "
-            f"({_dtype_name(mu_dtype)}) nor `{nu_name}` ({_dtype_name(nu_dtype)}) is an "
-            "8-bit dtype, so no moment is stored in blocks. Drop `block_size`, or store a "
-            "moment in jnp.int8, jnp.uint8 (ν), jnp.float8_e4m3fn or jnp.float8_e5m2."
         )
     _check_eight_bit_dtypes(mu_name, mu_dtype, nu_name, nu_dtype)
 

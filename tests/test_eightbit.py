@@ -128,10 +128,16 @@ def test_bad_block_size_is_refused(block_size):
 )
 def test_a_block_size_without_8_bit_storage_is_refused(alias, mu_dtype, nu_dtype):
     # No moment would be stored in blocks: the argument would be ignored without a word.
-    with pytest.raises(ValueError, match=r"`block_size` \(128\) is for 8-bit storage"):
+    with pytest.raises(ValueError, match=r"`block_size` is for 8-bit storage"):
         ALIASES[alias](mu_dtype=mu_dtype, nu_dtype=nu_dtype, block_size=128)
     with pytest.raises(ValueError, match=r"neither `mu_dtype` .* nor `nu_dtype` .* is an 8-bit"):
         ax.scale_by_adamax(mu_dtype=mu_dtype, nu_dtype=nu_dtype, block_size=128)
+    # Whatever its value: the fix is to drop it, not to fix the value first.
+    with pytest.raises(ValueError, match=r"`block_size` is for 8-bit storage"):
+        ALIASES[alias](mu_dtype=mu_dtype, nu_dtype=nu_dtype, block_size=0)
+    injected = optax.inject_hyperparams(ax.adamax)(1e-3, mu_dtype=mu_dtype, block_size=128)
+    with pytest.raises(ValueError, match=r"`block_size` is for 8-bit storage"):
+        injected.init({"w": jnp.ones(BIG)})
     # Without it, and with either moment in 8 bits, the same options build.
     ALIASES[alias](mu_dtype=mu_dtype, nu_dtype=nu_dtype)
     ALIASES[alias](mu_dtype=I8, nu_dtype=nu_dtype, block_size=128)
