@@ -26,7 +26,7 @@ from the same per-leaf equations with another rounding of the stores.
 import argparse
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,13 +63,27 @@ def _round_stochastically(value: jax.Array, previous: jax.Array, key: jax.Array)
     return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(previous.dtype)
 
 
+class AblationState(NamedTuple):
+    """The state of an ablation: `dtype` moments, and ν's scale where it is scaled.
+
+    Not a :class:`adamax_jax.ScaleByAdamaxState`: an unscaled 16-bit ν is a
+    layout this package refuses to read (its decay rounds away), which is what
+    the ablation measures.
+    """
+
+    count: jax.Array
+    mu: jax.Array
+    nu: jax.Array
+    nu_scale: jax.Array | None
+
+
 def _ablation(
     mu_store: Rounding, nu_store: Rounding, scaled: bool, dtype: Any = jnp.bfloat16
 ) -> optax.GradientTransformation:
     """AdaMax with `dtype` state stored by the given roundings, for arrays only."""
 
     def init_fn(params):
-        return ax.ScaleByAdamaxState(
+        return AblationState(
             count=jnp.zeros([], jnp.int32),
             mu=jnp.zeros(params.shape, dtype),
             nu=jnp.zeros(params.shape, dtype),
@@ -88,7 +102,7 @@ def _ablation(
             updates, state.mu.astype(jnp.float32), nu32, count, b1=B1, b2=B2, eps=EPS
         )
         key_m, key_v = jax.random.split(jax.random.fold_in(jax.random.key(1), count))
-        new_state = ax.ScaleByAdamaxState(
+        new_state = AblationState(
             count=count,
             mu=mu_store(m, state.mu, key_m),
             nu=nu_store(v.codes if scaled else v, state.nu, key_v),
@@ -217,7 +231,10 @@ def _infinity_norm(state: Any) -> jax.Array:
     inner = _adamax_state(state)
     if isinstance(inner, ax.ScaleByAdamaxState):
         return jnp.asarray(ax.infinity_norm(inner), jnp.float32)
-    return jnp.asarray(inner.nu, jnp.float32)
+    u = jnp.asarray(inner.nu, jnp.float32)
+    # An ablation's scaled ν holds u / scale (optax's holds u itself).
+    scale = getattr(inner, "nu_scale", None)
+    return u if scale is None else u * scale
 
 
 def run(
