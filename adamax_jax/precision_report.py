@@ -71,7 +71,7 @@ class AblationState(NamedTuple):
     the ablation measures.
     """
 
-    count: jax.Array
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride] (a field, as in optax)
     mu: jax.Array
     nu: jax.Array
     nu_scale: jax.Array | None
