@@ -302,6 +302,18 @@ def check_bool(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 
 
+def _as_dtype(value: Any) -> jnp.dtype | None:
+    """`value` as a dtype, or None where NumPy cannot read it as one.
+
+    NumPy's parser raises TypeError for most such values, and SyntaxError for
+    a malformed string of fields (``"i1,,"``).
+    """
+    try:
+        return jnp.dtype(value)
+    except (TypeError, ValueError, SyntaxError):
+        return None
+
+
 def check_dtype(name: str, value: Any) -> None:
     """A floating storage dtype: None (the parameter's own) or one of `STORAGE_DTYPES`.
 
@@ -316,10 +328,9 @@ def check_dtype(name: str, value: Any) -> None:
     """
     if value is None:
         return
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError as e:
-        raise ValueError(f"`{name}` must be a floating dtype or None, got {value!r}.") from e
+    dtype = _as_dtype(value)
+    if dtype is None:
+        raise ValueError(f"`{name}` must be a floating dtype or None, got {value!r}.")
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
         raise ValueError(
             f"`{name}` got {value!r} ({dtype}): an 8-bit float has too few mantissa bits "
@@ -358,10 +369,7 @@ def check_moment_dtype(name: str, value: Any) -> None:
             and float8_e5m2, and as :func:`check_dtype` for the others.
     """
     if value is not None:
-        try:
-            dtype = jnp.dtype(value)
-        except TypeError:
-            dtype = None
+        dtype = _as_dtype(value)
         if dtype is not None and dtype in _EIGHT_BIT:
             return
         if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
@@ -381,18 +389,13 @@ def _is_eight_bit(value: Any) -> bool:
 
 
 def _dtype_name(value: Any) -> str:
-    try:
-        return "None" if value is None else str(jnp.dtype(value))
-    except TypeError:
-        return repr(value)
+    dtype = None if value is None else _as_dtype(value)
+    return repr(value) if dtype is None and value is not None else str(dtype)
 
 
 def _is_eight_bit_name(value: Any) -> bool:
     """:func:`_is_eight_bit` for an argument not yet checked: False where it names no dtype."""
-    try:
-        return _is_eight_bit(value)
-    except TypeError:
-        return False
+    return value is not None and _as_dtype(value) in _EIGHT_BIT
 
 
 # The largest block, as in bitsandbytes (whose blocks run from 64 to 4096 values): the

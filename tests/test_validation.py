@@ -801,6 +801,24 @@ def test_other_storage_dtypes_refused(name, dtype):
         ax.adamax(**{name: dtype})
 
 
+@pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype", "compensate_rounding"])
+@pytest.mark.parametrize(
+    "value",
+    # NumPy's parser raises SyntaxError for the malformed strings of fields, TypeError
+    # for the others; each is refused by the argument's name, with or without 8-bit blocks.
+    ["i1,,", ",", "(2)i4", "not a dtype", 3.5, {"a": 1}, object()],
+    ids=["fields-i1", "fields-empty", "subarray", "name", "float", "dict", "object"],
+)
+def test_what_names_no_dtype_is_refused_by_name(name, value):
+    if name == "compensate_rounding":
+        with pytest.raises(ValueError, match=r"`dtype` must be a floating dtype or None"):
+            ax.compensate_rounding(dtype=value)
+        return
+    for extra in ({}, {"block_size": 64}):
+        with pytest.raises(ValueError, match=rf"`{name}` must be a floating dtype or None"):
+            ax.adamax(**{name: value}, **extra)
+
+
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("factory", TRANSFORMS)
 @pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype"])
