@@ -188,8 +188,19 @@ def compensate_rounding(
 
     Returns:
         An ``optax.GradientTransformation``.
+
+    Raises:
+        ValueError: For a `dtype` that is not float16, bfloat16, float32 or
+            float64 (a complex buffer would hold an imaginary part of a real
+            parameter's rounding; compensated parameters are real).
     """
     _validation.check_dtype("dtype", dtype)
+    if dtype is not None and jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
+        # Only real parameters below 32 bits are compensated (there is no 16-bit complex).
+        raise ValueError(
+            f"`dtype` got {dtype!r}: the compensation buffer is for real parameters below "
+            "32 bits; use bfloat16, float16, float32 or float64 (or None, the parameter's)."
+        )
 
     def init_fn(params: optax.Params) -> CompensateRoundingState:
         def init_leaf(p):

@@ -314,6 +314,17 @@ def _as_dtype(value: Any) -> jnp.dtype | None:
         return None
 
 
+def _check_not_an_array(name: str, value: Any) -> None:
+    """Refuses an array where a dtype is named (what ``optax.inject_hyperparams`` hands over)."""
+    if isinstance(value, (jax.Array, np.ndarray)):
+        raise ValueError(
+            f"`{name}` arrived as an array ({type(value).__name__} of dtype {value.dtype}): "
+            "it names how values are stored, so it cannot be a hyperparameter. Pass a dtype "
+            f"(e.g. jnp.bfloat16); under `optax.inject_hyperparams` pass it in `static_args`: "
+            f"`optax.inject_hyperparams(adamax, static_args=('{name}',))`."
+        )
+
+
 def check_dtype(name: str, value: Any) -> None:
     """A floating storage dtype: None (the parameter's own) or one of `STORAGE_DTYPES`.
 
@@ -323,11 +334,13 @@ def check_dtype(name: str, value: Any) -> None:
 
     Raises:
         ValueError: For an 8-bit float (3 or 2 mantissa bits, which would drop
-            again what such a buffer keeps), and for any other dtype that is
-            not float16, bfloat16, float32, float64, complex64 or complex128.
+            again what such a buffer keeps), for any other dtype that is not
+            float16, bfloat16, float32, float64, complex64 or complex128, and
+            for an array (a dtype ``optax.inject_hyperparams`` made a value).
     """
     if value is None:
         return
+    _check_not_an_array(name, value)
     dtype = _as_dtype(value)
     if dtype is None:
         raise ValueError(f"`{name}` must be a floating dtype or None, got {value!r}.")
@@ -339,7 +352,7 @@ def check_dtype(name: str, value: Any) -> None:
         )
     if dtype not in STORAGE_DTYPES:
         accepted = ", ".join(str(d) for d in STORAGE_DTYPES)
-        raise ValueError(f"`{name}` must be None or one of {accepted}; got {value!r}.")
+        raise ValueError(f"`{name}` must be None or one of {accepted}; got {value!r} ({dtype}).")
 
 
 def check_storage_dtypes(params: Any, **dtypes: Any) -> None:
@@ -369,6 +382,7 @@ def check_moment_dtype(name: str, value: Any) -> None:
             and float8_e5m2, and as :func:`check_dtype` for the others.
     """
     if value is not None:
+        _check_not_an_array(name, value)
         dtype = _as_dtype(value)
         if dtype is not None and dtype in _EIGHT_BIT:
             return

@@ -819,6 +819,30 @@ def test_what_names_no_dtype_is_refused_by_name(name, value):
             ax.adamax(**{name: value}, **extra)
 
 
+@pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype"])
+def test_a_dtype_made_a_hyperparameter_is_refused_with_static_args(name):
+    # optax.inject_hyperparams takes a dtype (a callable) for a schedule and hands over
+    # an array; NumPy reads an array's dtype only through a deprecated path.
+    injected = optax.inject_hyperparams(ax.adamax)(1e-3, **{name: jnp.bfloat16})
+    with pytest.raises(ValueError, match=rf"`{name}` arrived as an array.*static_args"):
+        injected.init({"w": jnp.ones(8)})
+    for array in (jnp.zeros((), jnp.uint8), np.zeros((), np.float32)):
+        with pytest.raises(ValueError, match=rf"`{name}` arrived as an array"):
+            ax.adamax(**{name: array})
+    with pytest.raises(ValueError, match=r"`dtype` arrived as an array"):
+        ax.compensate_rounding(dtype=jnp.zeros((), jnp.bfloat16))
+    static = optax.inject_hyperparams(ax.adamax, static_args=(name,))(1e-3, **{name: jnp.bfloat16})
+    state = ax.adamax_state(static.init({"w": jnp.ones(8)}))
+    assert getattr(state, name[:2])["w"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.complex128])
+def test_a_complex_compensation_buffer_is_refused(dtype):
+    # The parameters it compensates are real and below 32 bits.
+    with pytest.raises(ValueError, match=r"`dtype` got .*complex.*real parameters"):
+        ax.compensate_rounding(dtype=dtype)
+
+
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("factory", TRANSFORMS)
 @pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype"])
