@@ -399,17 +399,13 @@ _EIGHT_BIT = (*_EIGHT_BIT_INTEGERS, jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.
 
 
 def _is_eight_bit(value: Any) -> bool:
-    return value is not None and jnp.dtype(value) in _EIGHT_BIT
+    """Whether `value` names an 8-bit storage dtype (False for None or what names no dtype)."""
+    return value is not None and _as_dtype(value) in _EIGHT_BIT
 
 
 def _dtype_name(value: Any) -> str:
     dtype = None if value is None else _as_dtype(value)
-    return repr(value) if dtype is None and value is not None else str(dtype)
-
-
-def _is_eight_bit_name(value: Any) -> bool:
-    """:func:`_is_eight_bit` for an argument not yet checked: False where it names no dtype."""
-    return value is not None and _as_dtype(value) in _EIGHT_BIT
+    return str(dtype) if dtype is not None or value is None else repr(value)
 
 
 # The largest block, as in bitsandbytes (whose blocks run from 64 to 4096 values): the
@@ -430,7 +426,7 @@ def check_eight_bit(
     """
     if block_size is None:
         return _check_eight_bit_dtypes(mu_name, mu_dtype, nu_name, nu_dtype)
-    if not (_is_eight_bit_name(mu_dtype) or _is_eight_bit_name(nu_dtype)):
+    if not (_is_eight_bit(mu_dtype) or _is_eight_bit(nu_dtype)):
         # Checked first: whatever its value, the fix is to drop it. Only 8-bit storage
         # is cut into blocks, and a parameter's own dtype is never 8-bit storage
         # (STORAGE_DTYPES), so the named dtypes decide.
